@@ -1,0 +1,164 @@
+// Counter-based Philox4x32-10 (Salmon et al., SC'11) and a branch-free Box-Muller
+// transform, shared by the CPU and CUDA kernels so both draw the same Gaussian noise.
+//
+// Noise element e of a call with (seed, offset) is a pure function of (seed, offset, e):
+//   block  = e / 4, lane = e % 4
+//   philox(counter = {block_lo, block_hi, offset_lo, offset_hi}, key = {seed_lo, seed_hi})
+//   lanes (0, 1) and (2, 3) are Box-Muller pairs.
+// The transcendental functions are written as plain float polynomials (Cephes-style) so
+// that the compiler can vectorize the CPU loops and the GPU evaluates the same arithmetic.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define FASTDP_HD __host__ __device__ __forceinline__
+#else
+#define FASTDP_HD inline
+#endif
+
+namespace fastdp {
+
+struct Philox4 {
+  uint32_t x[4];
+};
+
+FASTDP_HD uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
+  const uint64_t p = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
+  *hi = static_cast<uint32_t>(p >> 32);
+  return static_cast<uint32_t>(p);
+}
+
+FASTDP_HD Philox4 philox4x32_10(uint64_t block, uint64_t seed, uint64_t offset) {
+  uint32_t c0 = static_cast<uint32_t>(block), c1 = static_cast<uint32_t>(block >> 32);
+  uint32_t c2 = static_cast<uint32_t>(offset), c3 = static_cast<uint32_t>(offset >> 32);
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, hi1;
+    const uint32_t lo0 = mulhilo32(0xD2511F53u, c0, &hi0);
+    const uint32_t lo1 = mulhilo32(0xCD9E8D57u, c2, &hi1);
+    const uint32_t n0 = hi1 ^ c1 ^ k0;
+    const uint32_t n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  Philox4 r;
+  r.x[0] = c0;
+  r.x[1] = c1;
+  r.x[2] = c2;
+  r.x[3] = c3;
+  return r;
+}
+
+FASTDP_HD float bits_to_float(uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  float f;
+  std::memcpy(&f, &b, sizeof(f));
+  return f;
+#endif
+}
+
+FASTDP_HD uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof(b));
+  return b;
+#endif
+}
+
+// Uniform in (0, 1]: 24 random bits, never 0 (log(0) would be -inf).
+FASTDP_HD float uniform_open0(uint32_t r) {
+  return static_cast<float>((r >> 8) + 1u) * (1.0f / 16777216.0f);
+}
+
+// Uniform in [0, 1).
+FASTDP_HD float uniform_closed0(uint32_t r) {
+  return static_cast<float>(r >> 8) * (1.0f / 16777216.0f);
+}
+
+// Natural log of a normal positive float (Cephes logf polynomial, ~1 ulp on (0, 1]).
+FASTDP_HD float poly_logf(float x) {
+  const uint32_t bits = float_to_bits(x);
+  // Split x = m * 2^e with m in [0.5, 1).
+  int e = static_cast<int>((bits >> 23) & 0xFFu) - 126;
+  float m = bits_to_float((bits & 0x007FFFFFu) | 0x3F000000u);
+  // Move m to [sqrt(0.5), sqrt(2)) so the polynomial argument stays small.
+  const bool small = m < 0.70710678118654752f;
+  e -= small ? 1 : 0;
+  m = small ? (m + m - 1.0f) : (m - 1.0f);
+  const float z = m * m;
+  float y = 7.0376836292E-2f;
+  y = y * m - 1.1514610310E-1f;
+  y = y * m + 1.1676998740E-1f;
+  y = y * m - 1.2420140846E-1f;
+  y = y * m + 1.4249322787E-1f;
+  y = y * m - 1.6668057665E-1f;
+  y = y * m + 2.0000714765E-1f;
+  y = y * m - 2.4999993993E-1f;
+  y = y * m + 3.3333331174E-1f;
+  y = y * m * z;
+  const float fe = static_cast<float>(e);
+  y += -2.12194440E-4f * fe;
+  y += -0.5f * z;
+  return m + y + 0.693359375f * fe;
+}
+
+// sin and cos of 2*pi*u for u in [0, 1): quadrant reduction is exact because u has 24 bits.
+FASTDP_HD void sincos_2pi(float u, float* s_out, float* c_out) {
+  const float t = u * 4.0f;                          // [0, 4)
+  const int q = static_cast<int>(t + 0.5f);          // nearest quadrant, 0..4
+  const float a = (t - static_cast<float>(q)) * 1.57079632679489662f;  // [-pi/4, pi/4]
+  const float a2 = a * a;
+  const float s = a + a * a2 * (-1.6666654611E-1f + a2 * (8.3321608736E-3f + a2 * -1.9515295891E-4f));
+  const float c = 1.0f - 0.5f * a2 +
+                  a2 * a2 * (4.166664568298827E-2f + a2 * (-1.388731625493765E-3f + a2 * 2.443315711809948E-5f));
+  const int qm = q & 3;
+  // Rotate (sin a, cos a) by q quarter turns.
+  const float sv = (qm == 0) ? s : (qm == 1) ? c : (qm == 2) ? -s : -c;
+  const float cv = (qm == 0) ? c : (qm == 1) ? -s : (qm == 2) ? -c : s;
+  *s_out = sv;
+  *c_out = cv;
+}
+
+FASTDP_HD float sqrt_hd(float x) {
+#if defined(__CUDA_ARCH__)
+  return sqrtf(x);
+#else
+  return __builtin_sqrtf(x);
+#endif
+}
+
+// Four standard normal draws for noise block `block` (elements 4*block .. 4*block+3).
+FASTDP_HD void gaussian4(uint64_t block, uint64_t seed, uint64_t offset, float out[4]) {
+  const Philox4 r = philox4x32_10(block, seed, offset);
+  for (int pair = 0; pair < 2; ++pair) {
+    const float u1 = uniform_open0(r.x[2 * pair]);
+    const float u2 = uniform_closed0(r.x[2 * pair + 1]);
+    const float radius = sqrt_hd(-2.0f * poly_logf(u1));
+    float s, c;
+    sincos_2pi(u2, &s, &c);
+    out[2 * pair] = radius * c;
+    out[2 * pair + 1] = radius * s;
+  }
+}
+
+// One standard normal draw for global element index e.
+FASTDP_HD float gaussian_at(uint64_t e, uint64_t seed, uint64_t offset) {
+  float z[4];
+  gaussian4(e >> 2, seed, offset, z);
+  return z[e & 3];
+}
+
+}  // namespace fastdp
