@@ -78,6 +78,18 @@ inline void check_clip_args(double max_norm, const char* op) {
   TORCH_CHECK(max_norm > 0.0 && std::isfinite(max_norm), op, ": max_norm must be finite and > 0, got ", max_norm);
 }
 
+// All checks of clip_accumulate_noise's tensor arguments; returns B.
+inline int64_t check_clip_accumulate_inputs(at::TensorList grads, const at::Tensor& sq_norms, at::TensorList out,
+                                            const char* op) {
+  const auto device = sq_norms.device();
+  TORCH_CHECK(sq_norms.dim() == 1, op, ": sq_norms must be 1-D [B], got shape ", sq_norms.sizes());
+  // B comes from the gradients when there are any, so a wrong sq_norms is named as such.
+  const int64_t batch = check_per_sample_list(grads, op, device, grads.empty() ? sq_norms.size(0) : -1);
+  check_sq_norms(sq_norms, batch, op, device);
+  check_outputs(grads, out, op, device);
+  return batch;
+}
+
 // Global noise index of each tensor's first element: tensors are numbered in list order.
 inline std::vector<int64_t> noise_bases(at::TensorList out) {
   std::vector<int64_t> base(out.size());

@@ -50,6 +50,8 @@ def per_sample_sq_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
         [B] sum over k of ||grads[k][i]||^2, float32 (float64 if any input is float64).
     """
     grads = list(grads)
+    if len(grads) == 0:
+        raise ValueError("per_sample_sq_norms: needs at least one tensor (got an empty list)")
     if _use_compiled(_device_of(grads)):
         return torch.ops.fastdp.per_sample_sq_norms(grads)
     return _ref.per_sample_sq_norms(grads)

@@ -86,7 +86,7 @@ def per_sample_sq_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     acc = _acc_dtype(grads)
     total = torch.zeros(grads[0].shape[0], dtype=acc, device=grads[0].device)
     for g in grads:
-        total += g.to(acc).reshape(g.shape[0], -1).pow(2).sum(dim=1)
+        total += g.to(acc).reshape(g.shape[0], g[0].numel() if g.shape[0] else 0).pow(2).sum(dim=1)
     return total
 
 

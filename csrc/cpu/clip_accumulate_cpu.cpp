@@ -35,7 +35,7 @@ std::vector<acc_t> clip_factors(const at::Tensor& sq_norms, double max_norm) {
 
 template <typename scalar_t, typename out_t, typename acc_t>
 void accumulate_chunk(const scalar_t* g, int64_t row, int64_t batch, const acc_t* coef, const ColumnChunk& ch,
-                      out_t* out, int64_t noise_first, float noise_std, float scale, uint64_t seed,
+                      out_t* out, int64_t noise_first, double noise_std, double scale, uint64_t seed,
                       uint64_t offset) {
   acc_t acc[cpu::kChunk];
   float z[cpu::kChunk];
@@ -48,12 +48,14 @@ void accumulate_chunk(const scalar_t* g, int64_t row, int64_t batch, const acc_t
     for (int64_t j = 0; j < n; ++j) acc[j] += c * static_cast<acc_t>(x[j]);
   }
   out_t* o = out + ch.start;
-  if (noise_std > 0.0f) {
+  if (noise_std > 0.0) {
     cpu::fill_gaussian(z, noise_first + ch.start, n, seed, offset, scratch);
     const acc_t sd = static_cast<acc_t>(noise_std);
-    for (int64_t j = 0; j < n; ++j) o[j] = static_cast<out_t>((acc[j] + sd * static_cast<acc_t>(z[j])) * scale);
+    const acc_t sc = static_cast<acc_t>(scale);
+    for (int64_t j = 0; j < n; ++j) o[j] = static_cast<out_t>((acc[j] + sd * static_cast<acc_t>(z[j])) * sc);
   } else {
-    for (int64_t j = 0; j < n; ++j) o[j] = static_cast<out_t>(acc[j] * static_cast<acc_t>(scale));
+    const acc_t sc = static_cast<acc_t>(scale);
+    for (int64_t j = 0; j < n; ++j) o[j] = static_cast<out_t>(acc[j] * sc);
   }
 }
 
@@ -61,11 +63,7 @@ at::Tensor clip_accumulate_noise_cpu(at::TensorList grads_in, const at::Tensor& 
                                      double max_norm, double noise_std, double scale, int64_t seed,
                                      int64_t offset) {
   const char* op = "clip_accumulate_noise";
-  const auto device = sq_norms.device();
-  const int64_t batch = sq_norms.dim() == 1 ? sq_norms.size(0) : -1;
-  check_sq_norms(sq_norms, batch, op, device);
-  check_per_sample_list(grads_in, op, device, batch);
-  check_outputs(grads_in, out, op, device);
+  const int64_t batch = check_clip_accumulate_inputs(grads_in, sq_norms, out, op);
   check_clip_args(max_norm, op);
   check_noise_args(noise_std, scale, offset, op);
 
@@ -97,11 +95,11 @@ at::Tensor clip_accumulate_noise_cpu(at::TensorList grads_in, const at::Tensor& 
           scalar_t* op_ = o.data_ptr<scalar_t>();
           if (use_double) {
             accumulate_chunk<in_t, scalar_t, double>(gp, row, batch, coef_d.data(), ch, op_, base[ch.tensor],
-                                                     static_cast<float>(noise_std), static_cast<float>(scale),
+                                                     noise_std, scale,
                                                      static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
           } else {
             accumulate_chunk<in_t, scalar_t, float>(gp, row, batch, coef_f.data(), ch, op_, base[ch.tensor],
-                                                    static_cast<float>(noise_std), static_cast<float>(scale),
+                                                    noise_std, scale,
                                                     static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
           }
         });

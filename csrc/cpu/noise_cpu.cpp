@@ -55,7 +55,7 @@ void add_noise_scale_cpu(at::TensorList grads, double noise_std, double scale, i
         scalar_t* x = g.data_ptr<scalar_t>() + ch.start;
         const acc_t s = static_cast<acc_t>(scale);
         if (sd > 0.0f) {
-          const acc_t sdv = static_cast<acc_t>(sd);
+          const acc_t sdv = static_cast<acc_t>(noise_std);
           for (int64_t j = 0; j < ch.len; ++j) {
             x[j] = static_cast<scalar_t>((static_cast<acc_t>(x[j]) + sdv * static_cast<acc_t>(z[j])) * s);
           }
