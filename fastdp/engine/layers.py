@@ -46,7 +46,12 @@ def _trainable(p: torch.Tensor | None) -> bool:
 def _acc_sq(t: torch.Tensor) -> torch.Tensor:
     """[B] squared norms of t [B, ...] accumulated in at least fp32."""
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    return t.reshape(t.shape[0], -1).to(acc).pow(2).sum(1)
+    flat = t.flatten(1) if t.dim() > 1 else t.unsqueeze(1)
+    return flat.to(acc).pow(2).sum(1)
+
+
+def _detach(p: torch.Tensor | None) -> torch.Tensor | None:
+    return None if p is None else p.detach()
 
 
 def _coef(c: torch.Tensor, scale: float, like: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -244,8 +249,8 @@ def _record_linear(call: Call, x, g, w, b) -> None:
     w_on, b_on = _trainable(w), _trainable(b)
     params = ([w] if w_on else []) + ([b] if b_on else [])
     p_out, d_in = w.shape
-    A = x.reshape(B, -1, d_in)
-    G = g.reshape(B, -1, p_out)
+    A = x.flatten(1, -2) if x.dim() > 2 else x.unsqueeze(1)  # [B, T, d]
+    G = g.flatten(1, -2) if g.dim() > 2 else g.unsqueeze(1)  # [B, T, p]
     T = A.shape[1]
     ghost = 2 * T * T < p_out * d_in
     big = B * w.numel() > STORE_RATIO * (x.numel() + g.numel())
@@ -307,9 +312,9 @@ class _GroupNormFn(torch.autograd.Function):
         out, mean, rstd = aten.native_group_norm(xf, wr, br, 1, B * C, hw, B * groups, eps)
         ctx.call, ctx.groups, ctx.shape = call, groups, x.shape
         ctx.save_for_backward(xf, wr, mean, rstd, weight, bias)
-        mean_v, rstd_v = mean.view(B, groups), rstd.view(B, groups)
-        ctx.mark_non_differentiable(mean_v, rstd_v)
-        return out.view(x.shape), mean_v, rstd_v
+        ctx.mark_non_differentiable(mean, rstd)
+        # Reshaped by the caller: a view made inside a Function could not be modified in place.
+        return out, mean, rstd
 
     @staticmethod
     def backward(ctx, g, _gm=None, _gr=None):
@@ -344,9 +349,11 @@ class _GroupNormFn(torch.autograd.Function):
 
 def group_norm_forward(module: nn.GroupNorm, call: Call, x: torch.Tensor):
     if x.shape[0] == 0:
-        out = F.group_norm(x, module.num_groups, module.weight, module.bias, module.eps)
+        out = F.group_norm(x, module.num_groups, _detach(module.weight), _detach(module.bias), module.eps)
         return _EmptyFn.apply(out, call, module.weight, module.bias)
-    return _GroupNormFn.apply(x, module.weight, module.bias, module.num_groups, module.eps, call)[0]
+    return _GroupNormFn.apply(x, module.weight, module.bias, module.num_groups, module.eps, call)[0].view(
+        x.shape
+    )
 
 
 def instance_norm_forward(module: nn.modules.instancenorm._InstanceNorm, call: Call, x: torch.Tensor):
@@ -360,10 +367,13 @@ def instance_norm_forward(module: nn.modules.instancenorm._InstanceNorm, call: C
         xhat = F.instance_norm(x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps)
         return _ChannelAffineFn.apply(xhat, module.weight, module.bias, call)
     if x.shape[0] == 0:
-        out = F.instance_norm(x, None, None, module.weight, module.bias, True, 0.0, module.eps)
+        out = F.instance_norm(
+            x, None, None, _detach(module.weight), _detach(module.bias), True, 0.0, module.eps
+        )
         return _EmptyFn.apply(out, call, module.weight, module.bias)
     C = x.shape[1]
     out, mean, rstd = _GroupNormFn.apply(x, module.weight, module.bias, C, module.eps, call)
+    out, mean, rstd = out.view(x.shape), mean.view(x.shape[0], C), rstd.view(x.shape[0], C)
     if module.track_running_stats and module.training:
         with torch.no_grad():
             n = x[0, 0].numel()
@@ -415,7 +425,7 @@ class _EmptyFn(torch.autograd.Function):
     def forward(ctx, out, call: Call, *params):
         ctx.call = call
         ctx.params = params
-        return out.clone()
+        return out.clone()  # 0 samples: free
 
     @staticmethod
     def backward(ctx, g):
@@ -443,15 +453,15 @@ class _LayerNormFn(torch.autograd.Function):
             gx = aten.native_layer_norm_backward(g, x, ctx.ns, mean, rstd, w, b, [True, False, False])[0]
         B = x.shape[0]
         scale = ctx.call.tape.loss_scale(B)
-        ns = list(ctx.ns)
+        mid = list(range(1, x.dim() - len(ctx.ns)))  # dims between batch and normalized ones
         params, grads = [], []
         if _trainable(w):
             xhat = (x - mean) * rstd
             params.append(w)
-            grads.append((g * xhat).reshape(B, -1, *ns).sum(1) * scale)
+            grads.append((g * xhat).sum(mid) * scale if mid else g * xhat * scale)
         if _trainable(b):
             params.append(b)
-            grads.append(g.reshape(B, -1, *ns).sum(1) * scale)
+            grads.append(g.sum(mid) * scale if mid else g * scale)
         ctx.call.tape.record(ctx.call.batch, Stored(params, grads))
         return gx, None, None, None, None, None
 
@@ -487,9 +497,9 @@ class _PReLUFn(torch.autograd.Function):
             scale = ctx.call.tape.loss_scale(B)
             prod = g * x.clamp(max=0)
             if n == 1:
-                gw = prod.reshape(B, -1).sum(1, keepdim=True)
+                gw = prod.flatten(1).sum(1, keepdim=True) if prod.dim() > 1 else prod.unsqueeze(1)
             else:
-                gw = prod.reshape(B, n, -1).sum(2)
+                gw = prod.flatten(2).sum(2) if prod.dim() > 2 else prod
             ctx.call.tape.record(ctx.call.batch, Stored([w], [gw * scale]))
         return gx, None, None
 
@@ -515,8 +525,8 @@ class _EmbeddingFn(torch.autograd.Function):
         B = idx.shape[0]
         V, D = w.shape
         scale = ctx.call.tape.loss_scale(B)
-        ids = idx.reshape(B, -1)
-        G = g.reshape(B, -1, D)
+        ids = idx.flatten(1) if idx.dim() > 1 else idx.unsqueeze(1)  # [B, T]
+        G = g.reshape(*ids.shape, D)
         if ctx.padding_idx is not None:
             G = G * (ids != ctx.padding_idx).unsqueeze(-1).to(G.dtype)
         # ||g_i||^2 = sum_{t,t'} [I_t == I_t'] <G_t, G_t'>: no [V, D] per-sample tensor.

@@ -1,0 +1,65 @@
+"""Shared helpers for the engine tests: one fastdp step on a fixed batch."""
+
+from __future__ import annotations
+
+import torch
+from _reference import clipped_mean, per_sample_grads
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fastdp
+
+
+def fastdp_step(model, x, y, batch_loss, max_grad_norm, sigma=0.0, seed=0, expected_batch_size=None, **kw):
+    """Wraps `model` (in place), takes one DP step (lr 0) on (x, y); returns ({name: p.grad}, engine, optimizer)."""
+    n = int(expected_batch_size or x.shape[0])
+    ds = TensorDataset(torch.zeros(n, 1), torch.zeros(n))
+    loader = DataLoader(ds, batch_size=n)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    engine = fastdp.PrivacyEngine(seed=seed)
+    pm, popt, _ = engine.make_private(
+        module=model,
+        optimizer=opt,
+        data_loader=loader,
+        noise_multiplier=sigma,
+        max_grad_norm=max_grad_norm,
+        poisson_sampling=False,
+        **kw,
+    )
+    popt.zero_grad()
+    batch_loss(pm(x), y).backward()
+    popt.step()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    return grads, engine, popt
+
+
+def reference_and_clip(model, x, y, per_sample_loss, quantile=0.5):
+    """Microbatch-of-one per-sample grads of `model` (not yet wrapped) and a clip bound that clips some samples."""
+    grads, norms = per_sample_grads(model, per_sample_loss, x, y)
+    C = float(torch.quantile(norms, quantile))
+    return grads, norms, C
+
+
+def check_against_reference(model, x, y, per_sample_loss, batch_loss, rtol=1e-5, quantile=0.5):
+    ref_grads, norms, C = reference_and_clip(model, x, y, per_sample_loss, quantile)
+    expected = clipped_mean(ref_grads, norms, C, x.shape[0])
+    got, _, _ = fastdp_step(model, x, y, batch_loss, C)
+    assert set(got) == set(expected)
+    # parameters whose true gradient is ~0 (a conv bias before a norm) are compared at the model's scale
+    floor = 1e-3 * max(float(e.abs().max()) for e in expected.values())
+    for name in expected:
+        g = got[name]
+        assert g is not None, f"{name} got no gradient"
+        scale = expected[name].abs().max().clamp(min=floor)
+        err = float((g - expected[name]).abs().max().detach() / scale.detach())
+        assert err < rtol, f"{name}: relative error {err:.3g}"
+    return C
+
+
+def mse_per_sample(out, target):
+    return ((out - target) ** 2).mean()
+
+
+def mse_batch(out, target):
+    # mean over the batch of per-sample means (equal sizes): nn.MSELoss(reduction="mean")
+    return nn.functional.mse_loss(out, target)
