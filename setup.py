@@ -30,11 +30,25 @@ def _want_cuda() -> bool:
     return has_cuda
 
 
+def _cpu_arch_flags() -> list[str]:
+    """AVX2 + FMA when the building CPU has them (the noise generator and the clipped sum run
+    about 2x faster than with the x86-64 baseline). The extension is built where it runs; set
+    FASTDP_CPU_ARCH=portable for a build that must run on older x86-64 CPUs."""
+    if os.environ.get("FASTDP_CPU_ARCH", "auto") == "portable":
+        return []
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= set(flags) else []
+
+
 def _extension():
     sources = ["csrc/fastdp.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
-    if platform.machine() in ("x86_64", "AMD64") and os.environ.get("FASTDP_NATIVE", "0") == "1":
-        cxx.append("-march=native")
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno"] + _cpu_arch_flags()
     link = ["-fopenmp"]
     if _want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))

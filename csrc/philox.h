@@ -94,10 +94,11 @@ FASTDP_HD float poly_logf(float x) {
   // Split x = m * 2^e with m in [0.5, 1).
   int e = static_cast<int>((bits >> 23) & 0xFFu) - 126;
   float m = bits_to_float((bits & 0x007FFFFFu) | 0x3F000000u);
-  // Move m to [sqrt(0.5), sqrt(2)) so the polynomial argument stays small.
-  const bool small = m < 0.70710678118654752f;
-  e -= small ? 1 : 0;
-  m = small ? (m + m - 1.0f) : (m - 1.0f);
+  // Move m to [sqrt(0.5), sqrt(2)) so the polynomial argument stays small. Written as
+  // arithmetic selects (no branches) so CPU loops over it vectorize.
+  const int small = m < 0.70710678118654752f ? 1 : 0;
+  e -= small;
+  m = m + static_cast<float>(small) * m - 1.0f;  // 2m - 1 when small (exact: m < 1), else m - 1
   const float z = m * m;
   float y = 7.0376836292E-2f;
   y = y * m - 1.1514610310E-1f;
@@ -124,10 +125,15 @@ FASTDP_HD void sincos_2pi(float u, float* s_out, float* c_out) {
   const float s = a + a * a2 * (-1.6666654611E-1f + a2 * (8.3321608736E-3f + a2 * -1.9515295891E-4f));
   const float c = 1.0f - 0.5f * a2 +
                   a2 * a2 * (4.166664568298827E-2f + a2 * (-1.388731625493765E-3f + a2 * 2.443315711809948E-5f));
-  const int qm = q & 3;
-  // Rotate (sin a, cos a) by q quarter turns.
-  const float sv = (qm == 0) ? s : (qm == 1) ? c : (qm == 2) ? -s : -c;
-  const float cv = (qm == 0) ? c : (qm == 1) ? -s : (qm == 2) ? -c : s;
+  const uint32_t qm = static_cast<uint32_t>(q) & 3u;
+  // Rotate (sin a, cos a) by qm quarter turns: odd qm swaps sin and cos, and the signs follow
+  // the quadrant. Integer masks instead of branches so the CPU loop vectorizes.
+  const uint32_t swap = 0u - (qm & 1u);
+  const uint32_t bs = float_to_bits(s), bc = float_to_bits(c);
+  const uint32_t sin_bits = ((bs & ~swap) | (bc & swap)) ^ ((qm & 2u) << 30);
+  const uint32_t cos_bits = ((bc & ~swap) | (bs & swap)) ^ (((qm + 1u) & 2u) << 30);
+  const float sv = bits_to_float(sin_bits);
+  const float cv = bits_to_float(cos_bits);
   *s_out = sv;
   *c_out = cv;
 }

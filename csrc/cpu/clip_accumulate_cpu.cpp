@@ -39,11 +39,24 @@ void accumulate_chunk(const scalar_t* g, int64_t row, int64_t batch, const acc_t
                       uint64_t offset) {
   acc_t acc[cpu::kChunk];
   float z[cpu::kChunk];
-  float scratch[cpu::kChunk + 8];
+  cpu::NoiseScratch scratch;
   const int64_t n = ch.len;
   for (int64_t j = 0; j < n; ++j) acc[j] = 0;
-  for (int64_t i = 0; i < batch; ++i) {
-    const scalar_t* x = g + i * row + ch.start;
+  // Four samples per sweep: one load and store of the accumulator serves four gradient rows.
+  int64_t i = 0;
+  for (; i + 4 <= batch; i += 4) {
+    const scalar_t* __restrict x0 = g + i * row + ch.start;
+    const scalar_t* __restrict x1 = x0 + row;
+    const scalar_t* __restrict x2 = x1 + row;
+    const scalar_t* __restrict x3 = x2 + row;
+    const acc_t c0 = coef[i], c1 = coef[i + 1], c2 = coef[i + 2], c3 = coef[i + 3];
+    for (int64_t j = 0; j < n; ++j) {
+      acc[j] += c0 * static_cast<acc_t>(x0[j]) + c1 * static_cast<acc_t>(x1[j]) + c2 * static_cast<acc_t>(x2[j]) +
+                c3 * static_cast<acc_t>(x3[j]);
+    }
+  }
+  for (; i < batch; ++i) {
+    const scalar_t* __restrict x = g + i * row + ch.start;
     const acc_t c = coef[i];
     for (int64_t j = 0; j < n; ++j) acc[j] += c * static_cast<acc_t>(x[j]);
   }

@@ -42,7 +42,7 @@ void add_noise_scale_cpu(at::TensorList grads, double noise_std, double scale, i
   const float sd = static_cast<float>(noise_std);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
     float z[cpu::kChunk];
-    float scratch[cpu::kChunk + 8];
+    cpu::NoiseScratch scratch;
     for (int64_t c = begin; c < end; ++c) {
       const Chunk& ch = chunks[c];
       at::Tensor& g = work[ch.tensor];
