@@ -46,9 +46,7 @@ class BatchMemoryManager:
         optimizer: the DPOptimizer (its step is skipped on all but the last physical batch).
     """
 
-    def __init__(
-        self, *, data_loader: DataLoader, max_physical_batch_size: int, optimizer: DPOptimizer
-    ) -> None:
+    def __init__(self, *, data_loader: DataLoader, max_physical_batch_size: int, optimizer: DPOptimizer) -> None:
         if max_physical_batch_size < 1:
             raise ValueError("max_physical_batch_size must be >= 1")
         self.data_loader = data_loader

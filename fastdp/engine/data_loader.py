@@ -49,9 +49,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         gen = self.generator
         if self.secure_mode or gen is None:
             gen = torch.Generator()
-            gen.manual_seed(
-                secrets.randbits(63) if self.secure_mode else int(torch.randint(0, 2**62, (1,)).item())
-            )
+            gen.manual_seed(secrets.randbits(63) if self.secure_mode else int(torch.randint(0, 2**62, (1,)).item()))
         for _ in range(self.steps):
             mask = torch.rand(self.num_samples, generator=gen) < self.sample_rate
             yield torch.nonzero(mask, as_tuple=False).flatten().tolist()
@@ -62,11 +60,7 @@ def _empty_like_batch(sample):
     if isinstance(sample, torch.Tensor):
         return sample.new_zeros((0, *sample.shape))
     if isinstance(sample, (int, float, bool)):
-        dtype = (
-            torch.int64
-            if isinstance(sample, (int, bool)) and not isinstance(sample, float)
-            else torch.float32
-        )
+        dtype = torch.int64 if isinstance(sample, (int, bool)) and not isinstance(sample, float) else torch.float32
         return torch.zeros((0,), dtype=dtype)
     if isinstance(sample, dict):
         return {k: _empty_like_batch(v) for k, v in sample.items()}
@@ -107,9 +101,7 @@ class DPDataLoader(DataLoader):
     ) -> None:
         self.sample_rate = sample_rate
         sampler = PoissonBatchSampler(len(dataset), sample_rate, steps, generator, secure_mode)
-        super().__init__(
-            dataset, batch_sampler=sampler, collate_fn=_EmptyAwareCollate(collate_fn, dataset), **kwargs
-        )
+        super().__init__(dataset, batch_sampler=sampler, collate_fn=_EmptyAwareCollate(collate_fn, dataset), **kwargs)
 
     @classmethod
     def from_data_loader(

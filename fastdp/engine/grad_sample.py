@@ -61,10 +61,7 @@ class PrivateModule(nn.Module):
         self._module = module
         self.tape = Tape(loss_reduction)
         self._in_forward = False
-        plan = [
-            (n, m, _check_module(n or type(module).__name__, m, allow_generic))
-            for n, m in module.named_modules()
-        ]
+        plan = [(n, m, _check_module(n or type(module).__name__, m, allow_generic)) for n, m in module.named_modules()]
         self._patched: list[nn.Module] = []
         for name, m, rule in plan:
             if rule != "skip":

@@ -72,9 +72,7 @@ class DPOptimizer(torch.optim.Optimizer):
         opt_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
         self.params = [p for p in module.trainable if id(p) in opt_params]
         self._names = {
-            id(p): n
-            for n, p in zip(module.trainable_names, module.trainable, strict=True)
-            if id(p) in opt_params
+            id(p): n for n, p in zip(module.trainable_names, module.trainable, strict=True) if id(p) in opt_params
         }
         self._summed: dict[int, torch.Tensor] = {}
         self._assigned: dict[int, torch.Tensor] = {}
@@ -117,9 +115,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.original_optimizer.load_state_dict(state_dict)
 
     def __repr__(self) -> str:
-        return (
-            f"DPOptimizer(sigma={self.noise_multiplier}, C={self.max_grad_norm}, {self.original_optimizer!r})"
-        )
+        return f"DPOptimizer(sigma={self.noise_multiplier}, C={self.max_grad_norm}, {self.original_optimizer!r})"
 
     # --- DP ----------------------------------------------------------------------------------
     def signal_skip_step(self, do_skip: bool = True) -> None:
@@ -186,9 +182,7 @@ class DPOptimizer(torch.optim.Optimizer):
         tape = self.module.tape
         if tape.awaiting_backward:
             tape.clear()
-            raise PrivacyStepError(
-                "fastdp: optimizer.step() after a forward without backward; batch discarded"
-            )
+            raise PrivacyStepError("fastdp: optimizer.step() after a forward without backward; batch discarded")
         terms = [self._batch_terms(b) for b in tape.batches]
         for i, (_, _, _, sq) in enumerate(terms):
             if not torch.isfinite(sq).all():

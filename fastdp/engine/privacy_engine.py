@@ -88,26 +88,16 @@ class PrivacyEngine:
         if not batch_first:
             raise ValueError("fastdp needs batch_first=True (dim 0 of every input is the sample)")
         if noise_generator is not None:
-            raise ValueError(
-                "fastdp draws noise from its own Philox stream; pass seed= to PrivacyEngine instead"
-            )
+            raise ValueError("fastdp draws noise from its own Philox stream; pass seed= to PrivacyEngine instead")
         if isinstance(max_grad_norm, (list, tuple)):
             raise ValueError("per-layer max_grad_norm (clipping='per_layer') is not supported")
         if self.secure_mode and not poisson_sampling:
-            warnings.warn(
-                "secure_mode without Poisson sampling: the accounting assumes Poisson", stacklevel=2
-            )
-        private = (
-            module
-            if isinstance(module, PrivateModule)
-            else PrivateModule(module, loss_reduction, allow_generic)
-        )
+            warnings.warn("secure_mode without Poisson sampling: the accounting assumes Poisson", stacklevel=2)
+        private = module if isinstance(module, PrivateModule) else PrivateModule(module, loss_reduction, allow_generic)
         if private.tape.loss_reduction != loss_reduction:
             raise ValueError("module was already wrapped with another loss_reduction")
         opt_ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        missing = [
-            n for n, p in zip(private.trainable_names, private.trainable, strict=True) if id(p) not in opt_ids
-        ]
+        missing = [n for n, p in zip(private.trainable_names, private.trainable, strict=True) if id(p) not in opt_ids]
         if missing:
             warnings.warn(
                 f"fastdp: trainable parameters not in the optimizer are not updated: {missing[:5]}",

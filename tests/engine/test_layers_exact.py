@@ -57,6 +57,17 @@ CONV_CASES = {
 @pytest.mark.parametrize("case", list(CONV_CASES))
 def test_conv(case):
     make, shape = CONV_CASES[case]
+    _run(make(), shape)  # method chosen by timing
+
+
+@pytest.mark.parametrize("method", ["loop", "grouped", "unfold"])
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv_per_sample_methods(case, method, monkeypatch):
+    """Each per-sample weight-gradient method gives the same (exact) result."""
+    if method == "unfold" and (len(CONV_CASES[case][1]) != 3 or "T" in case):
+        pytest.skip("unfold path is 2-d, non-transposed only")
+    monkeypatch.setattr(layers, "CONV_METHOD", method)
+    make, shape = CONV_CASES[case]
     _run(make(), shape)
 
 
