@@ -45,9 +45,7 @@ class PhantomDataset(Dataset):
         chunk: int = 64,
     ):
         if n < 0 or start < 0 or chunk < 1:
-            raise ValueError(
-                f"need n >= 0, start >= 0 and chunk >= 1 (got n={n}, start={start}, chunk={chunk})"
-            )
+            raise ValueError(f"need n >= 0, start >= 0 and chunk >= 1 (got n={n}, start={start}, chunk={chunk})")
         self.profile = get_site(site)
         self.n, self.size, self.seed, self.start = int(n), int(size), int(seed), int(start)
         self.cache, self.chunk = cache, int(chunk)

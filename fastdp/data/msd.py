@@ -73,9 +73,7 @@ def read_msd_index(root: str | os.PathLike) -> list[MSDCase]:
         cases = []
         for e in entries:
             image, label = root / e["image"], root / e["label"]
-            cases.append(
-                MSDCase(Path(e["image"]).name.removesuffix(".gz").removesuffix(".nii"), image, label)
-            )
+            cases.append(MSDCase(Path(e["image"]).name.removesuffix(".gz").removesuffix(".nii"), image, label))
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise MSDFileError(f"could not read the training list of {index}: {exc!r}") from exc
     for case in cases:
@@ -203,9 +201,7 @@ class MSDSliceDataset(Dataset):
         self.patient_ids = np.concatenate(pids) if pids else np.zeros(0, np.int64)
         self.slice_numbers = np.concatenate(numbers) if numbers else np.zeros(0, np.int64)
         self._offsets = np.concatenate([[0], np.cumsum([len(n) for n in numbers])]).astype(np.int64)
-        self.has_organ = (
-            np.concatenate([m.reshape(len(m), -1).any(1) for m in masks]) if masks else np.zeros(0, bool)
-        )
+        self.has_organ = np.concatenate([m.reshape(len(m), -1).any(1) for m in masks]) if masks else np.zeros(0, bool)
 
     def _cache_paths(self, case: MSDCase) -> tuple[Path, Path, Path]:
         stamp = []
@@ -223,9 +219,7 @@ class MSDSliceDataset(Dataset):
         image = load_msd_volume(case.image)
         label = load_msd_volume(case.label, dtype=np.float32)
         if image.shape != label.shape:
-            raise MSDFileError(
-                f"image {case.image} has shape {image.shape} but label {case.label} has {label.shape}"
-            )
+            raise MSDFileError(f"image {case.image} has shape {image.shape} but label {case.label} has {label.shape}")
         out = preprocess_case(image, label, self.size, self.window, self.organ_margin)
         if paths is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)

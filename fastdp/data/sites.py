@@ -59,14 +59,10 @@ class ScannerProfile:
         if self.noise_std_hu < 0 or self.blur_mm < 0 or self.noise_corr_mm < 0:
             raise ValueError(f"site {self.name!r}: noise_std_hu, noise_corr_mm and blur_mm must be >= 0")
         if self.fov_mm <= 0 or self.intensity_scale <= 0 or self.patient_scale_mean <= 0:
-            raise ValueError(
-                f"site {self.name!r}: fov_mm, intensity_scale and patient_scale_mean must be > 0"
-            )
+            raise ValueError(f"site {self.name!r}: fov_mm, intensity_scale and patient_scale_mean must be > 0")
         lo, hi = self.slice_range
         if not (0.0 <= lo < hi <= 1.0):
-            raise ValueError(
-                f"site {self.name!r}: slice_range must satisfy 0 <= lo < hi <= 1, got {self.slice_range}"
-            )
+            raise ValueError(f"site {self.name!r}: slice_range must satisfy 0 <= lo < hi <= 1, got {self.slice_range}")
         if not 0.0 <= self.lesion_prob <= 1.0:
             raise ValueError(f"site {self.name!r}: lesion_prob must be in [0, 1]")
 

@@ -73,14 +73,10 @@ def split_dirichlet(
         out = [np.sort(np.concatenate(parts)).astype(np.int64) for parts in sites]
         if min(len(o) for o in out) >= min_size:
             return out
-    raise ValueError(
-        f"could not draw {n_sites} sites of >= {min_size} samples with alpha={alpha}; raise alpha"
-    )
+    raise ValueError(f"could not draw {n_sites} sites of >= {min_size} samples with alpha={alpha}; raise alpha")
 
 
-def split_quantity(
-    n: int, n_sites: int, alpha: float = 1.0, seed: int = 0, min_size: int = 1
-) -> list[np.ndarray]:
+def split_quantity(n: int, n_sites: int, alpha: float = 1.0, seed: int = 0, min_size: int = 1) -> list[np.ndarray]:
     """Quantity-skewed sites: random samples, site sizes drawn from Dirichlet(alpha)."""
     _check(n, n_sites)
     if n < n_sites * min_size:
