@@ -10,13 +10,17 @@ from torch.utils.data import DataLoader, TensorDataset
 import fastdp
 
 
-def fastdp_step(model, x, y, batch_loss, max_grad_norm, sigma=0.0, seed=0, expected_batch_size=None, **kw):
-    """Wraps `model` (in place), takes one DP step (lr 0) on (x, y); returns ({name: p.grad}, engine, optimizer)."""
+def fastdp_step(
+    model, x, y, batch_loss, max_grad_norm, sigma=0.0, seed=0, expected_batch_size=None, secure_mode=False, **kw
+):
+    """Wraps `model` (in place), takes one DP step (lr 0) on (x, y).
+
+    Returns ({name: p.grad}, engine, optimizer)."""
     n = int(expected_batch_size or x.shape[0])
     ds = TensorDataset(torch.zeros(n, 1), torch.zeros(n))
     loader = DataLoader(ds, batch_size=n)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    engine = fastdp.PrivacyEngine(seed=seed)
+    engine = fastdp.PrivacyEngine(seed=seed, secure_mode=secure_mode)
     pm, popt, _ = engine.make_private(
         module=model,
         optimizer=opt,
@@ -34,7 +38,8 @@ def fastdp_step(model, x, y, batch_loss, max_grad_norm, sigma=0.0, seed=0, expec
 
 
 def reference_and_clip(model, x, y, per_sample_loss, quantile=0.5):
-    """Microbatch-of-one per-sample grads of `model` (not yet wrapped) and a clip bound that clips some samples."""
+    """Microbatch-of-one per-sample grads of `model` (not yet wrapped), norms, and a clip bound
+    that clips some samples but not others."""
     grads, norms = per_sample_grads(model, per_sample_loss, x, y)
     C = float(torch.quantile(norms, quantile))
     return grads, norms, C
