@@ -240,7 +240,7 @@ def main() -> None:
     ap.add_argument("--batches", default="16,32", help="comma-separated batch sizes")
     ap.add_argument("--sizes", default="128", help="comma-separated input sizes (S for 1xSxS)")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--modes", default=None, help="comma-separated subset of modes")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--threads", type=int, default=2)

@@ -116,10 +116,12 @@ def _ps_unfold(g, x, w, s: ConvSpec) -> torch.Tensor:
 
 
 _PS_METHODS = {"loop": _ps_loop, "grouped": _ps_grouped, "unfold": _ps_unfold}
-# None: time the candidates on the first call of each layer shape and keep the fastest;
-# or force one of _PS_METHODS (tests, experiments).
+# None: time the candidates on the first TUNE_CALLS calls of each layer shape (min per method)
+# and keep the fastest; or force one of _PS_METHODS (tests, experiments).
 CONV_METHOD: str | None = None
+TUNE_CALLS = 2
 _conv_choice: dict[tuple, str] = {}
+_conv_trials: dict[tuple, dict[str, float]] = {}
 
 
 def _ps_candidates(x, w, s: ConvSpec) -> list[str]:
@@ -131,12 +133,23 @@ def _ps_candidates(x, w, s: ConvSpec) -> list[str]:
     return cands
 
 
+def _timed(name, g, x, w, s):
+    sync = x.device.type == "cuda"
+    if sync:
+        torch.cuda.synchronize(x.device)
+    t0 = time.perf_counter()
+    out = _PS_METHODS[name](g, x, w, s)
+    if sync:
+        torch.cuda.synchronize(x.device)
+    return out, time.perf_counter() - t0
+
+
 def _per_sample_conv_weight(g, x, w, s: ConvSpec, lo: int, hi: int) -> torch.Tensor:
     """[hi-lo, *w.shape] per-sample weight gradients of samples lo..hi-1.
 
-    The fastest method depends on the layer (measured on CPU: a batch-1 loop or the batch
-    folded into groups for most layers, im2col + bmm for 1-channel inputs), so each layer
-    shape is timed once.
+    The fastest method depends on the layer and machine (measured on a 2-core CPU: a batch-1
+    loop at high resolution, the batch folded into groups elsewhere), so each layer shape is
+    timed on its first calls and the fastest method kept.
     """
     g, x = g[lo:hi], x[lo:hi]
     if CONV_METHOD is not None:
@@ -157,18 +170,16 @@ def _per_sample_conv_weight(g, x, w, s: ConvSpec, lo: int, hi: int) -> torch.Ten
     choice = _conv_choice.get(key)
     if choice is not None:
         return _PS_METHODS[choice](g, x, w, s)
-    best, best_t, result = None, float("inf"), None
+    trials = _conv_trials.setdefault(key, {"_calls": 0})
+    result = None
     for name in _ps_candidates(x, w, s):
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-        t0 = time.perf_counter()
-        out = _PS_METHODS[name](g, x, w, s)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-        dt = time.perf_counter() - t0
-        if dt < best_t:
-            best, best_t, result = name, dt, out
-    _conv_choice[key] = best
+        out, dt = _timed(name, g, x, w, s)
+        trials[name] = min(trials.get(name, float("inf")), dt)
+        result = out if result is None else result
+    trials["_calls"] += 1
+    if trials["_calls"] >= TUNE_CALLS:
+        _conv_choice[key] = min((k for k in trials if k != "_calls"), key=trials.__getitem__)
+        del _conv_trials[key]
     return result
 
 
