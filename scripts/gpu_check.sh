@@ -12,10 +12,12 @@
 # Device tool, from the repository root (carry the wheels folder if there is one):
 #   run(command="bash scripts/gpu_check.sh", timeout_s=540, carry=[".whl"])
 # Wheels for packages the machine lacks (dp-accounting and its dependencies, ...) go in .whl/.
+# GPU_CHECK_STEPS=kernel-selfcheck,bench_ops (say) runs only those steps after the build
+# (names: kernel-selfcheck, pytest, bench_ops, bench_step; default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-OUT="${OUT:-$PWD/gpu_out}"
+OUT="${OUT:-/tmp/fastdp_gpu_out}"
 mkdir -p "$OUT"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-450}"
 DEADLINE=$(($(date +%s) + BUDGET_S))
@@ -25,6 +27,7 @@ ENV_TXT=/tmp/fastdp_gpu_env.txt
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 FAILED=0
+want() { [[ ",${GPU_CHECK_STEPS:-all}," == *",all,"* || ",${GPU_CHECK_STEPS:-}," == *",$1,"* ]]; }
 
 # step NAME CAP_S RESERVE_S LOG CMD...: runs CMD with a limit of min(CAP_S, time left minus
 # RESERVE_S, which is kept for the later steps), appends its output to LOG and its result to STEPS.
@@ -39,13 +42,14 @@ step() {
     FAILED=1
     return 1
   fi
+  local t0 rc before
+  before=$(cat "$log" 2>/dev/null | wc -l)
   echo "=== $name (limit ${limit}s)" | tee -a "$log"
-  local t0 rc
   t0=$(date +%s)
   timeout -k 10 "$limit" "$@" >>"$log" 2>&1
   rc=$?
   printf '%s\t%s\t%s\n' "$name" "$rc" "$(($(date +%s) - t0))" >>"$STEPS"
-  tail -n 15 "$log"
+  tail -n +$((before + 2)) "$log" | tail -n 15
   echo "=== $name: exit $rc after $(($(date +%s) - t0))s"
   [ "$rc" -eq 0 ] || FAILED=1
   return "$rc"
@@ -79,18 +83,18 @@ step build 200 180 "$OUT/build.log" \
   env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 FASTDP_USE_CUDA=1 "$PY" setup.py build_ext --inplace &&
   compgen -G "fastdp/_C*.so" >/dev/null && BUILT=1
 
-if [ "$BUILT" = 1 ]; then
+if [ "$BUILT" = 1 ] && want kernel-selfcheck; then
   step kernel-selfcheck 90 150 "$OUT/checks.log" \
     "$PY" scripts/gpu_report.py selfcheck --json "$OUT/kernel_check.json"
 fi
 
-step pytest 200 100 "$OUT/pytest.log" "$PY" -m pytest -x -q -p no:cacheprovider tests
+want pytest && step pytest 200 100 "$OUT/pytest.log" "$PY" -m pytest -x -q -p no:cacheprovider tests
 
-if [ "$BUILT" = 1 ] && [ -f benchmarks/bench_ops.py ]; then
+if [ "$BUILT" = 1 ] && want bench_ops && [ -f benchmarks/bench_ops.py ]; then
   step bench_ops 75 50 "$OUT/checks.log" \
     "$PY" benchmarks/bench_ops.py --device cuda --json "$OUT/bench_ops.json"
 fi
-if [ "$BUILT" = 1 ] && [ -f benchmarks/bench_step.py ]; then
+if [ "$BUILT" = 1 ] && want bench_step && [ -f benchmarks/bench_step.py ]; then
   step bench_step 150 5 "$OUT/checks.log" \
     "$PY" benchmarks/bench_step.py --device cuda --json "$OUT/bench_step.json"
 fi
