@@ -25,6 +25,7 @@ STEPS=/tmp/fastdp_gpu_steps.tsv
 ENV_TXT=/tmp/fastdp_gpu_env.txt
 : >"$STEPS"
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # fastdp is built in place, not installed
 PY="${PYTHON:-python3}"
 FAILED=0
 want() { [[ ",${GPU_CHECK_STEPS:-all}," == *",all,"* || ",${GPU_CHECK_STEPS:-}," == *",$1,"* ]]; }

@@ -118,7 +118,7 @@ def selfcheck(json_path: str | None, device: str = "cuda") -> int:
             c = ops.clip_accumulate_noise(g_dev, sq.to(dev), out_dev, max_norm, noise_std, scale, seed, offset)
         if on_cuda:
             torch.cuda.synchronize()
-        assert c.device == dev and c.dtype == cpu_c.dtype, (c.device, c.dtype, cpu_c.dtype)
+        assert c.device.type == dev.type and c.dtype == cpu_c.dtype, (c.device, c.dtype, cpu_c.dtype)
         assert torch.equal(c.cpu(), cpu_c), "clip factors differ from the CPU kernel's"
         worst = 0.0
         for k, (o, co) in enumerate(zip(out_dev, cpu_out, strict=True)):
@@ -246,7 +246,7 @@ def selfcheck(json_path: str | None, device: str = "cuda") -> int:
         del g
         o = out[0]
         assert not torch.isnan(o).any().item(), "unwritten elements in the >2^31 tensor"
-        for first in (0, (1 << 31) - 40, n - 64):
+        for first in (0, (1 << 31) - 100, n - 64):  # the last window crosses 2^31
             z = ref.gaussian_noise(64, 11, 3, 3 + first)
             x = torch.ones(64, dtype=torch.float64)
             if first == n - 64:
@@ -261,6 +261,7 @@ def selfcheck(json_path: str | None, device: str = "cuda") -> int:
         chk.run("tensor with more than 2^31 elements", huge_tensor)
         torch.cuda.empty_cache()
     timings = bandwidth(torch, ops, dev) if on_cuda else []
+    overhead = host_overhead(torch, ops, dev) if on_cuda else {}
     ok = all(r["ok"] for r in chk.results)
     print(f"\nself-check: {sum(r['ok'] for r in chk.results)}/{len(chk.results)} passed", flush=True)
     for t in timings:
@@ -268,7 +269,9 @@ def selfcheck(json_path: str | None, device: str = "cuda") -> int:
     if json_path:
         info = {"device": torch.cuda.get_device_name() if on_cuda else "cpu", "torch": torch.__version__}
         info["cuda"] = torch.version.cuda
-        Path(json_path).write_text(json.dumps({"machine": info, "checks": chk.results, "timings": timings}, indent=2))
+        Path(json_path).write_text(
+            json.dumps({"machine": info, "checks": chk.results, "timings": timings, "overhead": overhead}, indent=2)
+        )
     return 0 if ok else 1
 
 
@@ -285,6 +288,52 @@ def _time_ms(torch, fn, reps: int = 20) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def host_overhead(torch, ops, dev) -> dict:
+    """Per-call wall time (host, synchronized) of each op on small inputs, and a profiler
+    breakdown of where the host time of clip_accumulate_noise goes."""
+    res: dict = {}
+    try:
+        sizes = [int(x) for x in torch.randint(16, 20000, (60,), generator=torch.Generator().manual_seed(1))]
+        grads = [torch.randn(16, s, device=dev) for s in sizes]
+        outs = [torch.empty(s, device=dev) for s in sizes]
+        sq = ops.per_sample_sq_norms(grads)
+        x = torch.randn(1 << 16, device=dev)
+
+        def wall_us(fn, reps=50):
+            for _ in range(5):
+                fn()
+            ts = []
+            for _ in range(reps):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                torch.cuda.synchronize()
+                ts.append((time.perf_counter() - t0) * 1e6)
+            return statistics.median(ts)
+
+        res["P"] = sum(sizes)
+        res["B"] = 16
+        res["one small kernel (x.mul_(1)) us"] = wall_us(lambda: x.mul_(1.0))
+        res["per_sample_sq_norms us"] = wall_us(lambda: ops.per_sample_sq_norms(grads))
+        res["clip_accumulate_noise us"] = wall_us(
+            lambda: ops.clip_accumulate_noise(grads, sq, outs, 1.0, 1.0, 0.1, 1, 2)
+        )
+        res["add_noise_scale_ us"] = wall_us(lambda: ops.add_noise_scale_(outs, 1.0, 0.5, 1, 2))
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                ops.clip_accumulate_noise(grads, sq, outs, 1.0, 1.0, 0.1, 1, 2)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=50)
+        res["profile_clip_x20"] = table
+        print(table, flush=True)
+    except Exception as exc:  # noqa: BLE001
+        res["error"] = f"{type(exc).__name__}: {exc}"
+    print({k: (round(v, 1) if isinstance(v, float) else v) for k, v in res.items() if k != "profile_clip_x20"})
+    return res
 
 
 def bandwidth(torch, ops, dev) -> list[dict]:
@@ -438,6 +487,10 @@ def summary(out: str, steps: str, env: str | None, files: list[str]) -> int:
                 _table(["kernel", "ms", "GB/s", "of copy"], t_rows),
                 "",
             ]
+            over = {k: v for k, v in data.get("overhead", {}).items() if k != "profile_clip_x20"}
+            if over:
+                rows = [[k, f"{v:.1f}" if isinstance(v, float) else v] for k, v in over.items()]
+                parts += ["## Host time per call, small inputs (synchronized)", "", _table(["", ""], rows), ""]
         except (OSError, ValueError, KeyError) as exc:
             parts += ["## Kernel self-check", "", f"(unreadable: {exc})", ""]
     for f in files:
