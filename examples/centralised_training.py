@@ -32,6 +32,19 @@ def phantom_speed(size: int, n: int = 1024, chunk: int = 128) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def augment_intensity(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Per-sample random gain, offset and noise on windowed slices [B, 1, H, W] in [0, 1].
+
+    Other scanners differ in calibration and noise; jittering them in training is what lets
+    the model work on a site it never saw.
+    """
+    b = x.shape[0]
+    gain = 0.9 + 0.2 * torch.rand(b, 1, 1, 1, generator=g)
+    offset = 0.06 * (torch.rand(b, 1, 1, 1, generator=g) - 0.5)
+    sigma = 0.03 * torch.rand(b, 1, 1, 1, generator=g)
+    return (x * gain + offset + sigma * torch.randn(x.shape, generator=g)).clamp_(0.0, 1.0)
+
+
 @torch.no_grad()
 def evaluate(model, images, masks, batch: int = 64):
     model.eval()
@@ -85,8 +98,7 @@ def main(argv=None) -> dict:
             for group in opt.param_groups:
                 group["lr"] = lr
             x, y = images[idx], masks[idx]
-            if torch.rand((), generator=g) < 0.5:  # left-right flip augmentation
-                x, y = x.flip(-1), y.flip(-1)
+            x = augment_intensity(x, g)
             loss = criterion(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -87,7 +87,8 @@ class PhantomDataset(Dataset):
             img, msk = self._render(i, i + 1)
             return img[0], msk[0]
         self._ensure(i // self.chunk)
-        return self._images[i], self._masks[i].long()
+        # A copy: in-place augmentation of an item must not change the cache.
+        return self._images[i].clone(), self._masks[i].long()
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All slices at once: images [n, 1, size, size] float32, masks [n, size, size] int64."""

@@ -18,7 +18,8 @@ A slice is drawn in three steps:
    (liver 51-69 HU, fat -110..-90, muscle 35-55, bone 400-1000, air -1000) plus a smooth
    texture.
 3. **Scanner** (per site, see :class:`~fastdp.data.sites.ScannerProfile`): calibration
-   gain and offset, Gaussian blur of the reconstruction kernel, correlated noise, then the
+   gain and offset, Gaussian blur of the reconstruction kernel, correlated noise (its std
+   falls with coarser pixels, as when a real scan is resized), then the
    paper's window: clip to [-150, 200] HU and scale to [0, 1].
 
 Determinism: every random number of slice ``i`` comes from a generator seeded with
@@ -528,7 +529,7 @@ def _render(profile: ScannerProfile, indices, size: int, seed: int, return_hu: b
             k = _gauss_kernel1d(corr_px)
             # A separable kernel k (x) k scales the std of white noise by sum(k^2).
             white = _blur(white, k).div_(float(k.square().sum()))
-        obs = torch.add(obs, white, alpha=profile.noise_std_hu)
+        obs = torch.add(obs, white, alpha=profile.noise_std_at(size))
     image = window_hu(obs).unsqueeze(1)
     mask = ((code - _C_LIVER) <= (_C_LESION - _C_LIVER)).long()  # uint8 wrap-around: one compare
     return PhantomSlices(

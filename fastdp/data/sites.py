@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+#: Pixel spacing (mm) at which ScannerProfile.noise_std_hu is specified.
+NOISE_REF_SPACING_MM = 0.8
+
 
 @dataclass(frozen=True)
 class ScannerProfile:
@@ -21,7 +24,10 @@ class ScannerProfile:
     Attributes:
         name: site name; it also keys the random stream, so two profiles with the same name
             and seed produce the same patients (anatomy) seen through their own scanner.
-        noise_std_hu: standard deviation of the image noise in HU, per output pixel.
+        noise_std_hu: standard deviation of the image noise in HU at the reference pixel
+            spacing ``NOISE_REF_SPACING_MM`` (a 512 x 512 reconstruction). Coarser output
+            pixels average noise, so the std falls as ref / spacing, as when a real scan is
+            resized (see :meth:`noise_std_at`).
         noise_corr_mm: Gaussian correlation length (sigma, mm) of the noise; soft kernels
             give blotchier noise.
         intensity_scale: calibration gain, ``HU_observed = scale * HU + offset``.
@@ -70,6 +76,14 @@ class ScannerProfile:
     def key(self) -> int:
         """A stable 32-bit integer derived from the name (feeds the random stream)."""
         return zlib.crc32(self.name.encode("utf-8"))
+
+    def pixel_spacing(self, size: int) -> float:
+        """Pixel spacing (mm) of a ``size`` x ``size`` image of this site."""
+        return self.fov_mm / size
+
+    def noise_std_at(self, size: int) -> float:
+        """Noise std (HU) of one pixel of a ``size`` x ``size`` image of this site."""
+        return self.noise_std_hu * min(1.0, NOISE_REF_SPACING_MM / self.pixel_spacing(size))
 
     def replace(self, **changes: object) -> ScannerProfile:
         """A copy with some fields changed (e.g. ``site.replace(noise_std_hu=0)``)."""

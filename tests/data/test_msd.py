@@ -30,9 +30,7 @@ def msd_root(tmp_path):
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
     vols = [_write_case(root, "liver_0", seed=0), _write_case(root, "liver_1", organ_slices=(8,), seed=1)]
-    training = [
-        {"image": f"./imagesTr/liver_{i}.nii.gz", "label": f"./labelsTr/liver_{i}.nii.gz"} for i in range(2)
-    ]
+    training = [{"image": f"./imagesTr/liver_{i}.nii.gz", "label": f"./labelsTr/liver_{i}.nii.gz"} for i in range(2)]
     (root / "dataset.json").write_text(json.dumps({"name": "Liver", "training": training}))
     return root, vols
 
@@ -43,9 +41,7 @@ def test_reads_layout_and_preprocesses(msd_root):
     assert len(ds) == 24  # all axial slices of both cases
     assert ds.patient_ids.tolist() == [0] * 12 + [1] * 12
     x, y = ds[5]
-    assert (
-        x.shape == (1, 16, 16) and x.dtype == torch.float32 and y.shape == (16, 16) and y.dtype == torch.int64
-    )
+    assert x.shape == (1, 16, 16) and x.dtype == torch.float32 and y.shape == (16, 16) and y.dtype == torch.int64
     assert 0.0 <= x.min() and x.max() <= 1.0
     assert set(torch.unique(y).tolist()) == {0, 1}  # liver (1) and tumour (2) merged
     assert ds.has_organ.tolist() == [k in (4, 5, 6) for k in range(12)] + [k == 8 for k in range(12)]
@@ -111,8 +107,6 @@ def test_corrupt_files_are_named(msd_root):
 
 def test_shape_mismatch_is_named(msd_root):
     root, _ = msd_root
-    nib.save(
-        nib.Nifti1Image(np.zeros((40, 32, 11), np.uint8), np.eye(4)), root / "labelsTr" / "liver_0.nii.gz"
-    )
+    nib.save(nib.Nifti1Image(np.zeros((40, 32, 11), np.uint8), np.eye(4)), root / "labelsTr" / "liver_0.nii.gz")
     with pytest.raises(MSDFileError, match="liver_0"):
         MSDSliceDataset(root, size=16)
