@@ -58,9 +58,7 @@ def _new_accountant(accountant: str) -> dp_accounting.PrivacyAccountant:
     return _pld.PLDAccountant()
 
 
-def epsilon_for_history(
-    history: list[tuple[float, float, int]], delta: float, accountant: str = "rdp"
-) -> float:
+def epsilon_for_history(history: list[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
     """Epsilon after a sequence of DP-SGD phases.
 
     Args:
@@ -148,9 +146,7 @@ class Accountant:
         """Epsilon spent so far at this delta."""
         return epsilon_for_history(self.history, delta, self.mechanism)
 
-    def epsilon_after(
-        self, noise_multiplier: float, sample_rate: float, delta: float, steps: int = 1
-    ) -> float:
+    def epsilon_after(self, noise_multiplier: float, sample_rate: float, delta: float, steps: int = 1) -> float:
         """Epsilon if `steps` more steps with these parameters were taken (state unchanged)."""
         trial = Accountant(self.mechanism, list(self.history))
         trial.step(noise_multiplier, sample_rate, steps)
