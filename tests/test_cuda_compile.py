@@ -125,3 +125,19 @@ def test_compiles_for_sm90(compiled, cu_name):
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", log)]
     assert spills, f"no ptxas resource report for {cu_name}; did it compile any kernel?"
     assert max(spills) == 0, f"ptxas reports register spills in {cu_name}:\n{log[-4000:]}"
+
+
+# clang-format: the style of csrc/ (DESIGN.md) is Google with 120 columns, unless the repository
+# has a .clang-format. Skipped where clang-format is not installed; clang-format versions can
+# disagree on details, so this checks only the CUDA sources.
+CLANG_FORMAT = shutil.which("clang-format")
+
+
+@pytest.mark.skipif(CLANG_FORMAT is None, reason="clang-format is not installed")
+def test_cuda_sources_are_clang_formatted():
+    style = "file" if (ROOT / ".clang-format").is_file() else "{BasedOnStyle: Google, ColumnLimit: 120}"
+    sources = [str(p) for p in sorted(CUDA_DIR.glob("*.cu*"))]
+    res = subprocess.run(
+        [CLANG_FORMAT, f"--style={style}", "--dry-run", "--Werror", *sources], capture_output=True, text=True
+    )
+    assert res.returncode == 0, "clang-format would change:\n" + res.stderr[-4000:]

@@ -194,13 +194,13 @@ void launch_group(bool acc_double, const ClipLaunch& launch, const ClipMeta* met
                   cudaStream_t stream, const char* op) {
   const unsigned int blocks = grid_size(launch.chunks, op);
   if (std::is_same_v<in_t, double> || acc_double) {
-    clip_accumulate_noise_kernel<in_t, double><<<blocks, kThreads, 0, stream>>>(
-        meta + launch.first_meta, launch.n_meta, groups_per_thread, coef.const_data_ptr<double>(), batch, noise_std,
-        scale, seed, offset);
+    clip_accumulate_noise_kernel<in_t, double>
+        <<<blocks, kThreads, 0, stream>>>(meta + launch.first_meta, launch.n_meta, groups_per_thread,
+                                          coef.const_data_ptr<double>(), batch, noise_std, scale, seed, offset);
   } else if constexpr (!std::is_same_v<in_t, double>) {
-    clip_accumulate_noise_kernel<in_t, float><<<blocks, kThreads, 0, stream>>>(
-        meta + launch.first_meta, launch.n_meta, groups_per_thread, coef.const_data_ptr<float>(), batch, noise_std,
-        scale, seed, offset);
+    clip_accumulate_noise_kernel<in_t, float>
+        <<<blocks, kThreads, 0, stream>>>(meta + launch.first_meta, launch.n_meta, groups_per_thread,
+                                          coef.const_data_ptr<float>(), batch, noise_std, scale, seed, offset);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -228,8 +228,8 @@ at::Tensor clip_accumulate_noise_cuda(at::TensorList grads_in, const at::Tensor&
         clip_factors_kernel<scalar_t, double><<<blocks, kThreads, 0, stream>>>(
             sq.const_data_ptr<scalar_t>(), batch, max_norm, coef.mutable_data_ptr<double>());
       } else {
-        clip_factors_kernel<scalar_t, float><<<blocks, kThreads, 0, stream>>>(
-            sq.const_data_ptr<scalar_t>(), batch, max_norm, coef.mutable_data_ptr<float>());
+        clip_factors_kernel<scalar_t, float><<<blocks, kThreads, 0, stream>>>(sq.const_data_ptr<scalar_t>(), batch,
+                                                                              max_norm, coef.mutable_data_ptr<float>());
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -215,28 +215,28 @@ inline unsigned int grid_size(int64_t blocks, const char* op) {
 }
 
 // Dispatch on one of the four supported float dtypes, binding `T` inside `body`.
-#define FASTDP_DISPATCH_FLOAT(TYPE, NAME, T, ...)                                             \
-  [&] {                                                                                       \
-    switch (TYPE) {                                                                           \
-      case at::kFloat: {                                                                      \
-        using T = float;                                                                      \
-        return __VA_ARGS__();                                                                 \
-      }                                                                                       \
-      case at::kDouble: {                                                                     \
-        using T = double;                                                                     \
-        return __VA_ARGS__();                                                                 \
-      }                                                                                       \
-      case at::kHalf: {                                                                       \
-        using T = at::Half;                                                                   \
-        return __VA_ARGS__();                                                                 \
-      }                                                                                       \
-      case at::kBFloat16: {                                                                   \
-        using T = at::BFloat16;                                                               \
-        return __VA_ARGS__();                                                                 \
-      }                                                                                       \
-      default:                                                                                \
-        TORCH_CHECK(false, NAME, ": unsupported dtype ", TYPE);                               \
-    }                                                                                         \
+#define FASTDP_DISPATCH_FLOAT(TYPE, NAME, T, ...)               \
+  [&] {                                                         \
+    switch (TYPE) {                                             \
+      case at::kFloat: {                                        \
+        using T = float;                                        \
+        return __VA_ARGS__();                                   \
+      }                                                         \
+      case at::kDouble: {                                       \
+        using T = double;                                       \
+        return __VA_ARGS__();                                   \
+      }                                                         \
+      case at::kHalf: {                                         \
+        using T = at::Half;                                     \
+        return __VA_ARGS__();                                   \
+      }                                                         \
+      case at::kBFloat16: {                                     \
+        using T = at::BFloat16;                                 \
+        return __VA_ARGS__();                                   \
+      }                                                         \
+      default:                                                  \
+        TORCH_CHECK(false, NAME, ": unsupported dtype ", TYPE); \
+    }                                                           \
   }()
 
 }  // namespace cuda

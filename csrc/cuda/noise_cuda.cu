@@ -18,7 +18,7 @@ namespace cuda {
 namespace {
 
 struct NoiseMeta {
-  void* data;           // contiguous
+  void* data;  // contiguous
   int64_t numel;
   int64_t block0;       // Philox block of group 0: (noise index of data[0]) / 4
   int64_t groups;       // 4-element noise groups, see noise_groups()

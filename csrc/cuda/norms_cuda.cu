@@ -31,8 +31,8 @@ struct NormMeta {
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    sq_norm_partials_kernel(const NormMeta* __restrict__ meta, int n_meta, int64_t launch_chunks,
-                            int64_t first_chunk, int64_t chunks_per_sample, acc_t* __restrict__ partials) {
+    sq_norm_partials_kernel(const NormMeta* __restrict__ meta, int n_meta, int64_t launch_chunks, int64_t first_chunk,
+                            int64_t chunks_per_sample, acc_t* __restrict__ partials) {
   __shared__ acc_t shared[kThreads / 32];
   const int64_t flat = blockIdx.x;
   const int64_t sample = flat / launch_chunks;
@@ -150,8 +150,8 @@ at::Tensor per_sample_sq_norms_cuda(at::TensorList grads_in) {
   }
   const unsigned int blocks = grid_size(batch, op);
   if (acc_dtype == at::kDouble) {
-    sum_partials_kernel<double><<<blocks, kThreads, 0, stream>>>(partials.const_data_ptr<double>(),
-                                                                  chunks_per_sample, out.mutable_data_ptr<double>());
+    sum_partials_kernel<double><<<blocks, kThreads, 0, stream>>>(partials.const_data_ptr<double>(), chunks_per_sample,
+                                                                 out.mutable_data_ptr<double>());
   } else {
     sum_partials_kernel<float><<<blocks, kThreads, 0, stream>>>(partials.const_data_ptr<float>(), chunks_per_sample,
                                                                 out.mutable_data_ptr<float>());
