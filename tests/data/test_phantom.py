@@ -142,7 +142,7 @@ def test_works_with_dp_poisson_loader():
     from fastdp.engine import DPDataLoader
 
     ds = PhantomDataset("site_a", n=40, size=64)
-    loader = DPDataLoader(ds, sample_rate=0.1, steps=30, generator=torch.Generator().manual_seed(0))
+    loader = DPDataLoader(ds, sample_rate=0.03, steps=40, generator=torch.Generator().manual_seed(0))
     sizes = []
     for x, y in loader:
         assert x.shape[1:] == (1, 64, 64) and y.shape[1:] == (64, 64) and y.dtype == torch.int64
