@@ -30,6 +30,7 @@ the output size either (only its noise does).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -84,6 +85,7 @@ _N_UNIFORM = 40
 _N_NORMAL = 16
 _COARSE = 6  # grid of the smooth shape-perturbation fields
 _FINE = 14  # grid of the texture / bowel-gas fields
+_CACHE_PIXELS = 1 << 20
 _RIB_ANGLES_DEG = (-35.0, -8.0, 22.0, 55.0, 125.0, 158.0, 188.0, 215.0)
 
 
@@ -318,8 +320,16 @@ def render_slices(
 
     Rendering runs on one torch thread (restored afterwards): faster for these small ops.
     """
+    profile = get_site(site)
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    # Sub-batches of about 2**20 pixels keep the working arrays in cache (3x faster at 256).
+    step = max(1, _CACHE_PIXELS // (int(size) * int(size)))
     with _one_thread(), torch.no_grad():
-        return _render(get_site(site), indices, size, seed, return_hu)
+        if len(idx) <= step:
+            return _render(profile, idx, size, seed, return_hu)
+        parts = [_render(profile, idx[i : i + step], size, seed, return_hu) for i in range(0, len(idx), step)]
+    cat = lambda name: None if getattr(parts[0], name) is None else torch.cat([getattr(q, name) for q in parts])  # noqa: E731
+    return PhantomSlices(**{f.name: cat(f.name) for f in dataclasses.fields(PhantomSlices)})
 
 
 def _render(profile: ScannerProfile, indices, size: int, seed: int, return_hu: bool) -> PhantomSlices:
