@@ -277,14 +277,14 @@ def main() -> None:
             print(f"done size={size} B={batch}", file=sys.stderr, flush=True)
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
     print(f"\nU-Net 16/32/64/128, {dev}, torch {torch.__version__}, median of {args.reps} interleaved steps\n")
-    print("| input | B | mode | ms/step | x non-private | peak extra MB | x non-private mem |")
-    print("|---|---|---|---|---|---|---|")
+    print("| input | B | mode | ms/step | x non-private | paired x | peak extra MB | x non-private mem |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         mem = "-" if r["peak_extra_mb"] is None else f"{r['peak_extra_mb']:.0f}"
         mr = "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}"
         print(
             f"| {r['size']}x{r['size']} | {r['batch']} | {r['mode']} | {r['median_ms']:.0f} | "
-            f"{r['ratio']:.2f} | {mem} | {mr} |"
+            f"{r['ratio']:.2f} | {r['paired_ratio']:.2f} | {mem} | {mr} |"
         )
     if args.json:
         with open(args.json, "w") as f:

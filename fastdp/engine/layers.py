@@ -128,7 +128,8 @@ def _ps_candidates(x, w, s: ConvSpec) -> list[str]:
     cands = ["loop", "grouped"]
     if not s.transposed and x.dim() == 4 and x.is_floating_point():
         kk = w.shape[1] * w.shape[2] * w.shape[3]  # C_in/groups * k * k
-        if kk <= 2 * w.shape[0] // s.groups:  # im2col no larger than twice the output gradient
+        one_by_one = w.shape[2] * w.shape[3] == 1  # im2col is the input itself
+        if one_by_one or kk <= 2 * w.shape[0] // s.groups:  # im2col at most twice the output gradient
             cands.append("unfold")
     return cands
 
