@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -33,8 +34,13 @@ def has_kernel(device: torch.device | str) -> bool:
     """True when the compiled core has kernels for tensors on `device`."""
     if _LOAD_ERROR is not None:
         return False
-    dev = torch.device(device)
-    key = "CPU" if dev.type == "cpu" else "CUDA" if dev.type == "cuda" else None
+    return _has_kernel_for_type(torch.device(device).type)
+
+
+@functools.cache
+def _has_kernel_for_type(device_type: str) -> bool:
+    # Cached: asked on every op call, and the registrations never change after import.
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     if key is None:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key("fastdp::per_sample_sq_norms", key)
