@@ -29,7 +29,7 @@ struct NoiseMeta {
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    add_noise_scale_kernel(const NoiseMeta* __restrict__ meta, int n_meta, int groups_per_thread, float noise_std,
+    add_noise_scale_kernel(const NoiseMeta* __restrict__ meta, int n_meta, int groups_per_thread, double noise_std,
                            double scale, uint64_t seed, uint64_t offset) {
   using acc_t = opmath_t<scalar_t>;
   const int64_t chunk = blockIdx.x;
@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int l = 0; l < 4; ++l) v[l] = valid[l] ? static_cast<acc_t>(load1<false>(x + j0 + l)) : acc_t(0);
     }
 
-    if (noise_std > 0.0f) {
+    if (noise_std > 0.0) {
       float z[4];
       gaussian4(static_cast<uint64_t>(m.block0 + g), seed, offset, z);
 #pragma unroll
@@ -149,7 +149,7 @@ void add_noise_scale_cuda(at::TensorList grads, double noise_std, double scale, 
       const unsigned int blocks = grid_size(launch.chunks, op);
       FASTDP_DISPATCH_FLOAT(launch.dtype, op, scalar_t, [&] {
         add_noise_scale_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-            meta + launch.first_meta, launch.n_meta, groups_per_thread, static_cast<float>(noise_std), scale,
+            meta + launch.first_meta, launch.n_meta, groups_per_thread, noise_std, scale,
             static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
