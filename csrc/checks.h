@@ -90,6 +90,19 @@ inline int64_t check_clip_accumulate_inputs(at::TensorList grads, const at::Tens
   return batch;
 }
 
+// add_noise_scale_'s tensor list: one device, float dtypes (any shapes).
+inline void check_noise_list(at::TensorList grads, const char* op) {
+  if (grads.empty()) return;
+  const auto device = grads[0].device();
+  for (size_t k = 0; k < grads.size(); ++k) {
+    const auto& g = grads[k];
+    TORCH_CHECK(g.defined(), op, ": grads[", k, "] is undefined");
+    TORCH_CHECK(g.device() == device, op, ": grads[", k, "] is on ", g.device(), " but grads[0] is on ", device);
+    TORCH_CHECK(is_supported_float(g.scalar_type()), op, ": grads[", k, "] has dtype ", g.scalar_type(),
+                "; expected float32, float64, float16 or bfloat16");
+  }
+}
+
 // Global noise index of each tensor's first element: tensors are numbered in list order.
 inline std::vector<int64_t> noise_bases(at::TensorList out) {
   std::vector<int64_t> base(out.size());

@@ -23,16 +23,11 @@ struct Chunk {
 void add_noise_scale_cpu(at::TensorList grads, double noise_std, double scale, int64_t seed, int64_t offset) {
   const char* op = "add_noise_scale_";
   check_noise_args(noise_std, scale, offset, op);
-  if (grads.empty()) return;
-  const auto device = grads[0].device();
+  check_noise_list(grads, op);
   std::vector<at::Tensor> work;  // contiguous views (or copies written back at the end)
   std::vector<Chunk> chunks;
   for (size_t k = 0; k < grads.size(); ++k) {
     const auto& g = grads[k];
-    TORCH_CHECK(g.defined(), op, ": grads[", k, "] is undefined");
-    TORCH_CHECK(g.device() == device, op, ": grads[", k, "] is on ", g.device(), " but grads[0] is on ", device);
-    TORCH_CHECK(is_supported_float(g.scalar_type()), op, ": grads[", k, "] has dtype ", g.scalar_type(),
-                "; expected float32, float64, float16 or bfloat16");
     work.push_back(g.contiguous());
     for (int64_t s = 0; s < g.numel(); s += cpu::kChunk) {
       chunks.push_back({static_cast<int64_t>(k), s, std::min(cpu::kChunk, g.numel() - s)});

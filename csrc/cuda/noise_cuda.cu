@@ -93,15 +93,9 @@ struct NoiseLaunch {
 void add_noise_scale_cuda(at::TensorList grads, double noise_std, double scale, int64_t seed, int64_t offset) {
   const char* op = "add_noise_scale_";
   check_noise_args(noise_std, scale, offset, op);
+  check_noise_list(grads, op);
   if (grads.empty()) return;
   const auto device = grads[0].device();
-  for (size_t k = 0; k < grads.size(); ++k) {
-    const auto& g = grads[k];
-    TORCH_CHECK(g.defined(), op, ": grads[", k, "] is undefined");
-    TORCH_CHECK(g.device() == device, op, ": grads[", k, "] is on ", g.device(), " but grads[0] is on ", device);
-    TORCH_CHECK(is_supported_float(g.scalar_type()), op, ": grads[", k, "] has dtype ", g.scalar_type(),
-                "; expected float32, float64, float16 or bfloat16");
-  }
   const c10::cuda::CUDAGuard guard(device);
   const auto stream = c10::cuda::getCurrentCUDAStream();
 

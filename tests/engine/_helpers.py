@@ -68,3 +68,26 @@ def mse_per_sample(out, target):
 def mse_batch(out, target):
     # mean over the batch of per-sample means (equal sizes): nn.MSELoss(reduction="mean")
     return nn.functional.mse_loss(out, target)
+
+
+def check_noise_and_coverage(model, x, y, per_sample_loss, sigma=1.3, expected_batch_size=4.0, seed=7):
+    """p.grad - clipped mean must be N(0, (sigma C / E[B])^2) on every element of every trainable
+    parameter (a parameter left out of the noise would be exact and fail), and stay on x's device."""
+    ref_grads, norms = per_sample_grads(model, per_sample_loss, x, y)
+    clip = float(norms.median())
+    clipped = clipped_mean(ref_grads, norms, clip, expected_batch_size)
+    got, _, _ = fastdp_step(
+        model, x, y, per_sample_loss, clip, sigma=sigma, seed=seed, expected_batch_size=expected_batch_size
+    )
+    std = sigma * clip / expected_batch_size
+    z = []
+    for name, g in got.items():
+        assert g.device == x.device, f"{name}: gradient on {g.device}, data on {x.device}"
+        noise = (g - clipped[name]).flatten()
+        assert (noise.abs() > 1e-9 * std).all(), f"parameter {name} not noised"
+        z.append(noise / std)
+    z = torch.cat(z)
+    n = z.numel()
+    assert n > 500
+    assert abs(float(z.mean())) < 5 / n**0.5
+    assert abs(float(z.std()) - 1) < 5 / (2 * n) ** 0.5

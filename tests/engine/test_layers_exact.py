@@ -9,16 +9,9 @@ from torch import nn
 
 from fastdp.engine import layers
 
+pytestmark = pytest.mark.usefixtures("float64")
+
 B = 5
-
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
 
 
 def _run(module, in_shape, requires_grad_input=False):

@@ -7,20 +7,12 @@ import copy
 
 import pytest
 import torch
-from _helpers import check_against_reference, fastdp_step
-from _reference import clipped_mean, per_sample_grads
+from _helpers import check_against_reference, check_noise_and_coverage, fastdp_step
 from torch import nn
 
+pytestmark = pytest.mark.usefixtures("float64")
+
 B = 3
-
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
 
 
 def seg_loss_per_sample(logits, target):
@@ -115,23 +107,7 @@ def test_noise_statistics_and_coverage(name):
     torch.manual_seed(1)
     model = _make(name)
     x, y = _batch()
-    sigma, E = 1.3, 4.0
-    ref_grads, norms = per_sample_grads(model, seg_loss_per_sample, x, y)
-    C = float(norms.median())
-    clipped = clipped_mean(ref_grads, norms, C, E)
-    got, _, _ = fastdp_step(model, x, y, seg_loss_per_sample, C, sigma=sigma, seed=7, expected_batch_size=E)
-    std = sigma * C / E
-    all_noise = []
-    for n, g in got.items():
-        noise = (g - clipped[n]).flatten()
-        # every element of every trainable parameter is noised (a parameter left out would be exact)
-        assert (noise.abs() > 1e-9 * std).all(), f"parameter {n} not noised"
-        all_noise.append(noise / std)
-    z = torch.cat(all_noise)
-    assert z.numel() > 500
-    n = z.numel()
-    assert abs(float(z.mean())) < 5 / n**0.5
-    assert abs(float(z.std()) - 1) < 5 / (2 * n) ** 0.5
+    check_noise_and_coverage(model, x, y, seg_loss_per_sample, sigma=1.3, expected_batch_size=4.0, seed=7)
 
 
 def test_frozen_and_unused_parameters():
