@@ -61,15 +61,13 @@ inline void check_sq_norms(const at::Tensor& sq_norms, int64_t batch, const char
   TORCH_CHECK(sq_norms.dim() == 1, op, ": sq_norms must be 1-D [B], got shape ", sq_norms.sizes());
   TORCH_CHECK(batch < 0 || sq_norms.size(0) == batch, op, ": sq_norms has ", sq_norms.size(0),
               " entries but the gradients have batch size ", batch);
-  TORCH_CHECK(sq_norms.device() == device, op, ": sq_norms is on ", sq_norms.device(), " but the op runs on ",
-              device);
+  TORCH_CHECK(sq_norms.device() == device, op, ": sq_norms is on ", sq_norms.device(), " but the op runs on ", device);
   TORCH_CHECK(sq_norms.scalar_type() == at::kFloat || sq_norms.scalar_type() == at::kDouble, op,
               ": sq_norms must be float32 or float64, got ", sq_norms.scalar_type());
 }
 
 inline void check_noise_args(double noise_std, double scale, int64_t offset, const char* op) {
-  TORCH_CHECK(noise_std >= 0.0 && std::isfinite(noise_std), op, ": noise_std must be finite and >= 0, got ",
-              noise_std);
+  TORCH_CHECK(noise_std >= 0.0 && std::isfinite(noise_std), op, ": noise_std must be finite and >= 0, got ", noise_std);
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   TORCH_CHECK(offset >= 0, op, ": offset must be >= 0, got ", offset);
 }

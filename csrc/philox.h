@@ -79,14 +79,10 @@ FASTDP_HD uint32_t float_to_bits(float f) {
 }
 
 // Uniform in (0, 1]: 24 random bits, never 0 (log(0) would be -inf).
-FASTDP_HD float uniform_open0(uint32_t r) {
-  return static_cast<float>((r >> 8) + 1u) * (1.0f / 16777216.0f);
-}
+FASTDP_HD float uniform_open0(uint32_t r) { return static_cast<float>((r >> 8) + 1u) * (1.0f / 16777216.0f); }
 
 // Uniform in [0, 1).
-FASTDP_HD float uniform_closed0(uint32_t r) {
-  return static_cast<float>(r >> 8) * (1.0f / 16777216.0f);
-}
+FASTDP_HD float uniform_closed0(uint32_t r) { return static_cast<float>(r >> 8) * (1.0f / 16777216.0f); }
 
 // Natural log of a normal positive float (Cephes logf polynomial, ~1 ulp on (0, 1]).
 FASTDP_HD float poly_logf(float x) {
@@ -118,13 +114,13 @@ FASTDP_HD float poly_logf(float x) {
 
 // sin and cos of 2*pi*u for u in [0, 1): quadrant reduction is exact because u has 24 bits.
 FASTDP_HD void sincos_2pi(float u, float* s_out, float* c_out) {
-  const float t = u * 4.0f;                          // [0, 4)
-  const int q = static_cast<int>(t + 0.5f);          // nearest quadrant, 0..4
+  const float t = u * 4.0f;                                            // [0, 4)
+  const int q = static_cast<int>(t + 0.5f);                            // nearest quadrant, 0..4
   const float a = (t - static_cast<float>(q)) * 1.57079632679489662f;  // [-pi/4, pi/4]
   const float a2 = a * a;
   const float s = a + a * a2 * (-1.6666654611E-1f + a2 * (8.3321608736E-3f + a2 * -1.9515295891E-4f));
-  const float c = 1.0f - 0.5f * a2 +
-                  a2 * a2 * (4.166664568298827E-2f + a2 * (-1.388731625493765E-3f + a2 * 2.443315711809948E-5f));
+  const float c =
+      1.0f - 0.5f * a2 + a2 * a2 * (4.166664568298827E-2f + a2 * (-1.388731625493765E-3f + a2 * 2.443315711809948E-5f));
   const uint32_t qm = static_cast<uint32_t>(q) & 3u;
   // Rotate (sin a, cos a) by qm quarter turns: odd qm swaps sin and cos, and the signs follow
   // the quadrant. Integer masks instead of branches so the CPU loop vectorizes.

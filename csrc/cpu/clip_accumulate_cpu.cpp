@@ -35,8 +35,7 @@ std::vector<acc_t> clip_factors(const at::Tensor& sq_norms, double max_norm) {
 
 template <typename scalar_t, typename out_t, typename acc_t>
 void accumulate_chunk(const scalar_t* g, int64_t row, int64_t batch, const acc_t* coef, const ColumnChunk& ch,
-                      out_t* out, int64_t noise_first, double noise_std, double scale, uint64_t seed,
-                      uint64_t offset) {
+                      out_t* out, int64_t noise_first, double noise_std, double scale, uint64_t seed, uint64_t offset) {
   acc_t acc[cpu::kChunk];
   float z[cpu::kChunk];
   cpu::NoiseScratch scratch;
@@ -73,8 +72,7 @@ void accumulate_chunk(const scalar_t* g, int64_t row, int64_t batch, const acc_t
 }
 
 at::Tensor clip_accumulate_noise_cpu(at::TensorList grads_in, const at::Tensor& sq_norms, at::TensorList out,
-                                     double max_norm, double noise_std, double scale, int64_t seed,
-                                     int64_t offset) {
+                                     double max_norm, double noise_std, double scale, int64_t seed, int64_t offset) {
   const char* op = "clip_accumulate_noise";
   const int64_t batch = check_clip_accumulate_inputs(grads_in, sq_norms, out, op);
   check_clip_args(max_norm, op);
@@ -107,13 +105,11 @@ at::Tensor clip_accumulate_noise_cpu(at::TensorList grads_in, const at::Tensor& 
           const in_t* gp = g.const_data_ptr<in_t>();
           scalar_t* op_ = o.data_ptr<scalar_t>();
           if (use_double) {
-            accumulate_chunk<in_t, scalar_t, double>(gp, row, batch, coef_d.data(), ch, op_, base[ch.tensor],
-                                                     noise_std, scale,
-                                                     static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
+            accumulate_chunk<in_t, scalar_t, double>(gp, row, batch, coef_d.data(), ch, op_, base[ch.tensor], noise_std,
+                                                     scale, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
           } else {
-            accumulate_chunk<in_t, scalar_t, float>(gp, row, batch, coef_f.data(), ch, op_, base[ch.tensor],
-                                                    noise_std, scale,
-                                                    static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
+            accumulate_chunk<in_t, scalar_t, float>(gp, row, batch, coef_f.data(), ch, op_, base[ch.tensor], noise_std,
+                                                    scale, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
           }
         });
       });

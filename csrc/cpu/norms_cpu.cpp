@@ -1,8 +1,8 @@
 // per_sample_sq_norms on CPU: row-wise sums of squares, parallel over fixed-size chunks of
 // each (tensor, sample) row so a few huge tensors and many tiny ones both use every core.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <vector>

@@ -142,9 +142,9 @@ void add_noise_scale_cuda(at::TensorList grads, double noise_std, double scale, 
     for (const auto& launch : launches) {
       const unsigned int blocks = grid_size(launch.chunks, op);
       FASTDP_DISPATCH_FLOAT(launch.dtype, op, scalar_t, [&] {
-        add_noise_scale_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-            meta + launch.first_meta, launch.n_meta, groups_per_thread, noise_std, scale,
-            static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
+        add_noise_scale_kernel<scalar_t>
+            <<<blocks, kThreads, 0, stream>>>(meta + launch.first_meta, launch.n_meta, groups_per_thread, noise_std,
+                                              scale, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }
