@@ -93,9 +93,7 @@ def clip_accumulate_noise(
     return _ref.clip_accumulate_noise(grads, sq_norms, out, max_norm, noise_std, scale, seed, offset)
 
 
-def add_noise_scale_(
-    grads: Sequence[torch.Tensor], noise_std: float, scale: float, seed: int, offset: int
-) -> None:
+def add_noise_scale_(grads: Sequence[torch.Tensor], noise_std: float, scale: float, seed: int, offset: int) -> None:
     """In place: grads[k] = (grads[k] + noise_std * z_k) * scale, z ~ N(0, 1) from Philox(seed, offset).
 
     For gradients whose clipped sum was formed elsewhere (e.g. a weight-gradient computation on

@@ -106,11 +106,7 @@ def clip_accumulate_noise(
     offset: int,
 ) -> torch.Tensor:
     """out[k] = (sum_i c_i grads[k][i] + noise_std * z) * scale in place; returns c [B]."""
-    acc = (
-        torch.float64
-        if (_acc_dtype(grads) == torch.float64 or sq_norms.dtype == torch.float64)
-        else torch.float32
-    )
+    acc = torch.float64 if (_acc_dtype(grads) == torch.float64 or sq_norms.dtype == torch.float64) else torch.float32
     coef = clip_factors(sq_norms, max_norm).to(acc)
     first = 0
     for g, o in zip(grads, out, strict=True):
@@ -123,17 +119,13 @@ def clip_accumulate_noise(
     return coef
 
 
-def add_noise_scale_(
-    grads: Sequence[torch.Tensor], noise_std: float, scale: float, seed: int, offset: int
-) -> None:
+def add_noise_scale_(grads: Sequence[torch.Tensor], noise_std: float, scale: float, seed: int, offset: int) -> None:
     """grads[k] = (grads[k] + noise_std * z) * scale in place."""
     first = 0
     for g in grads:
         acc = torch.float64 if g.dtype == torch.float64 else torch.float32
         val = g.to(acc)
         if noise_std > 0:
-            val = val + noise_std * gaussian_noise(g.numel(), seed, offset, first, g.device).to(acc).reshape(
-                g.shape
-            )
+            val = val + noise_std * gaussian_noise(g.numel(), seed, offset, first, g.device).to(acc).reshape(g.shape)
         g.copy_(val * scale)
         first += g.numel()

@@ -19,10 +19,7 @@ def test_compiled_core_is_built():
 
 def _grads(shapes, batch, dtype=torch.float32, device="cpu", seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return [
-        torch.randn((batch, *s), generator=gen, dtype=torch.float32).to(dtype=dtype, device=device)
-        for s in shapes
-    ]
+    return [torch.randn((batch, *s), generator=gen, dtype=torch.float32).to(dtype=dtype, device=device) for s in shapes]
 
 
 def _tol(dtype):
@@ -57,9 +54,7 @@ def test_sq_norms_edge_shapes(device):
     big = _grads([(1 << 20,)], 2, device=device)
     torch.testing.assert_close(OPS.per_sample_sq_norms(big), ref.per_sample_sq_norms(big), rtol=1e-5, atol=0)
     many = _grads([(i % 7 + 1, 3) for i in range(200)], 4, device=device)
-    torch.testing.assert_close(
-        OPS.per_sample_sq_norms(many), ref.per_sample_sq_norms(many), rtol=1e-5, atol=0
-    )
+    torch.testing.assert_close(OPS.per_sample_sq_norms(many), ref.per_sample_sq_norms(many), rtol=1e-5, atol=0)
     scalar_per_sample = [torch.randn(5, device=device)]
     torch.testing.assert_close(OPS.per_sample_sq_norms(scalar_per_sample), scalar_per_sample[0] ** 2)
     empty = _grads([(3, 4), (7,)], 0, device=device)
@@ -253,9 +248,7 @@ def test_errors_say_what_is_wrong():
         OPS.per_sample_sq_norms([torch.ones(2, 3, dtype=torch.long)])
     with pytest.raises(RuntimeError, match=r"0-d"):
         OPS.per_sample_sq_norms([torch.tensor(1.0)])
-    with pytest.raises(
-        RuntimeError, match=r"out\[1\] has shape \[5\] but grads\[1\] has per-sample shape \[4\]"
-    ):
+    with pytest.raises(RuntimeError, match=r"out\[1\] has shape \[5\] but grads\[1\] has per-sample shape \[4\]"):
         OPS.clip_accumulate_noise(g, sq, [torch.empty(3), torch.empty(5)], 1.0, 0.0, 1.0, 0, 0)
     with pytest.raises(RuntimeError, match="2 gradient tensors but 1 output"):
         OPS.clip_accumulate_noise(g, sq, out[:1], 1.0, 0.0, 1.0, 0, 0)
@@ -280,9 +273,7 @@ def test_wrong_device_error():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cpu_and_cuda_draw_the_same_noise():
-    torch.testing.assert_close(
-        _noise(10_000, 3, 2, "cpu"), _noise(10_000, 3, 2, "cuda"), rtol=1e-5, atol=2e-6
-    )
+    torch.testing.assert_close(_noise(10_000, 3, 2, "cpu"), _noise(10_000, 3, 2, "cuda"), rtol=1e-5, atol=2e-6)
 
 
 def test_wrappers_use_compiled_ops_and_match():

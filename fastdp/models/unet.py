@@ -83,9 +83,7 @@ class UNet(nn.Module):
         self.depth = depth
         ch = [base_channels * 2**level for level in range(depth + 1)]
         self.down = nn.ModuleList([ConvBlock(in_channels, ch[0], act, max_groups)])
-        self.down.extend(
-            ConvBlock(ch[level - 1], ch[level], act, max_groups) for level in range(1, depth + 1)
-        )
+        self.down.extend(ConvBlock(ch[level - 1], ch[level], act, max_groups) for level in range(1, depth + 1))
         self.pool = nn.MaxPool2d(2)
         self.ups = nn.ModuleList()
         self.up_blocks = nn.ModuleList()
@@ -129,9 +127,7 @@ def unet_paper(in_channels: int = 1, out_channels: int = 2, **kwargs) -> UNet:
     return UNet(in_channels, out_channels, **kwargs)
 
 
-def monai_unet(
-    in_channels: int = 1, out_channels: int = 2, channels=(16, 32, 64, 128), num_groups: int = 8, **kw
-):
+def monai_unet(in_channels: int = 1, out_channels: int = 2, channels=(16, 32, 64, 128), num_groups: int = 8, **kw):
     """MONAI's residual ``UNet`` (2D) with GroupNorm instead of its default InstanceNorm/BatchNorm.
 
     Strided convolutions down, transposed convolutions up, PReLU, no dropout. Needs monai.
