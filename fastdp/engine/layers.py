@@ -134,6 +134,13 @@ def _ps_candidates(x, w, s: ConvSpec) -> list[str]:
     return cands
 
 
+def _batch_bucket(batch: int) -> int:
+    """Batch sizes share a tuning result up to the next power of two: Poisson sampling gives a
+    different batch size nearly every step, and timing every candidate for each new size made
+    a 64x64 U-Net's DP step 1.5x non-private instead of 1.1x (measured on the 2-core CPU)."""
+    return 1 << max(0, int(batch) - 1).bit_length()
+
+
 def _timed(name, g, x, w, s):
     sync = x.device.type == "cuda"
     if sync:
@@ -158,7 +165,8 @@ def _per_sample_conv_weight(g, x, w, s: ConvSpec, lo: int, hi: int) -> torch.Ten
     if x.shape[0] <= 1:
         return _ps_loop(g, x, w, s)
     key = (
-        tuple(x.shape),
+        _batch_bucket(x.shape[0]),
+        tuple(x.shape[1:]),
         tuple(w.shape),
         tuple(s.stride),
         tuple(s.padding),
