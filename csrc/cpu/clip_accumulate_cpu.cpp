@@ -79,8 +79,9 @@ at::Tensor clip_accumulate_noise_cpu(at::TensorList grads_in, const at::Tensor& 
   check_noise_args(noise_std, scale, offset, op);
 
   const bool use_double = accumulate_dtype(grads_in) == at::kDouble || sq_norms.scalar_type() == at::kDouble;
-  const auto coef_f = clip_factors<float>(sq_norms, max_norm);
-  const auto coef_d = clip_factors<double>(sq_norms, max_norm);
+  // Only the accumulation type's clip factors are needed.
+  const auto coef_f = use_double ? std::vector<float>() : clip_factors<float>(sq_norms, max_norm);
+  const auto coef_d = use_double ? clip_factors<double>(sq_norms, max_norm) : std::vector<double>();
 
   std::vector<at::Tensor> grads;
   std::vector<ColumnChunk> chunks;
