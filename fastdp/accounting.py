@@ -10,6 +10,7 @@ accountants: "rdp" (Renyi DP, the default, with Opacus's orders so the numbers a
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -21,6 +22,18 @@ from dp_accounting import rdp as _rdp
 RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 
 ACCOUNTANTS = ("rdp", "pld")
+
+
+class _DropNonConvergedOrders(logging.Filter):
+    """dp-accounting logs a warning each time a small RDP order (alpha < 2) fails to converge for
+    a small sigma and drops that order; calibration probes such sigmas dozens of times, flooding
+    the console. The result is still a valid upper bound (the order is excluded), so drop them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "failed to converge" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_DropNonConvergedOrders())
 
 
 class PrivacyBudgetExceeded(RuntimeError):

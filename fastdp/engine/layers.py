@@ -14,6 +14,7 @@ of this forward), as Opacus does.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -117,8 +118,13 @@ def _ps_unfold(g, x, w, s: ConvSpec) -> torch.Tensor:
 
 _PS_METHODS = {"loop": _ps_loop, "grouped": _ps_grouped, "unfold": _ps_unfold}
 # None: time the candidates on the first TUNE_CALLS calls of each layer shape (min per method)
-# and keep the fastest; or force one of _PS_METHODS (tests, experiments).
-CONV_METHOD: str | None = None
+# and keep the fastest; or force one of _PS_METHODS (tests, experiments). The environment
+# variable FASTDP_CONV_METHOD sets it for a whole process: timed choices can differ between
+# processes, and the methods agree only to float rounding (federated runs compared across
+# processes need one fixed method).
+CONV_METHOD: str | None = os.environ.get("FASTDP_CONV_METHOD") or None
+if CONV_METHOD is not None and CONV_METHOD not in _PS_METHODS:
+    raise ValueError(f"FASTDP_CONV_METHOD={CONV_METHOD!r}: expected one of {sorted(_PS_METHODS)}")
 TUNE_CALLS = 2
 _conv_choice: dict[tuple, str] = {}
 _conv_trials: dict[tuple, dict[str, float]] = {}

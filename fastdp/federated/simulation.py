@@ -1,0 +1,332 @@
+"""In-process federated simulation: rounds of site selection, local training, screening, aggregation, evaluation.
+
+Deterministic for a seed (site sampling, batch sampling and DP noise all come from seeded
+generators); after every round the history is written and an atomic checkpoint holds the global
+model and every site's optimizer, accountant and RNG state, so a stopped run resumes to the same
+result as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from fastdp.accounting import PrivacyBudgetExceeded
+from fastdp.federated.atomic import atomic_torch_save
+from fastdp.federated.history import History
+from fastdp.federated.site import Site, evaluate_model, stable_seed
+from fastdp.federated.strategies import Strategy
+from fastdp.federated.validation import screen_updates
+from fastdp.models import dice_ce_criterion
+
+log = logging.getLogger("fastdp.federated")
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def initial_global_state(model_fn: Callable[[], nn.Module], seed: int) -> dict[str, torch.Tensor]:
+    """The starting global model's state_dict, initialised from `seed` without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(stable_seed("init", seed))
+        model = model_fn()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s:.0f}s" if s < 90 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+class Simulation:
+    """Runs federated training of `sites` under `strategy` in this process.
+
+    Args:
+        sites: the participating Sites (unique site_id each).
+        strategy: FedAvg, FedProx, DPFedAvg or any Strategy.
+        model_fn: builds the architecture; the initial global model is model_fn() seeded by `seed`.
+        initial_state: start from this state_dict instead.
+        test_data: held-out Dataset evaluated every eval_every rounds (Dice over all pixels).
+        rounds: total rounds (a resumed run continues up to this number).
+        seed: seeds the initial model and the site selection.
+        checkpoint_dir: where checkpoint.pt and the sites' own state files go (None: no checkpoints).
+        out_dir: where history.json / history.csv are written after every round (None: not written).
+        progress: print one line per round (and per site) to stderr.
+        eval_every: evaluate every this many rounds (and always after the last).
+        max_update_norm, outlier_factor: update screening (see validation.screen_updates).
+        config: free-form description stored in the history.
+        mode: label stored in the history ("nonprivate", "dp-sgd", "dp-fedavg", ...).
+    """
+
+    def __init__(
+        self,
+        sites: list[Site],
+        strategy: Strategy,
+        model_fn: Callable[[], nn.Module] | None = None,
+        *,
+        initial_state: dict[str, torch.Tensor] | None = None,
+        test_data: Dataset | None = None,
+        rounds: int = 5,
+        seed: int = 0,
+        checkpoint_dir: str | Path | None = None,
+        out_dir: str | Path | None = None,
+        progress: bool = True,
+        eval_every: int = 1,
+        max_update_norm: float | None = None,
+        outlier_factor: float | None = 100.0,
+        config: dict | None = None,
+        mode: str | None = None,
+        criterion: nn.Module | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        ids = [s.site_id for s in sites]
+        if not sites:
+            raise ValueError("Simulation needs at least one site")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"site ids must be unique, got {ids}")
+        if rounds < 1 or eval_every < 1:
+            raise ValueError("rounds and eval_every must be >= 1")
+        if model_fn is None:
+            raise ValueError("Simulation needs model_fn (the architecture; evaluation builds the model from it)")
+        self.sites = {s.site_id: s for s in sites}
+        self.strategy = strategy
+        self.model_fn = model_fn
+        self.global_state = dict(initial_state) if initial_state is not None else initial_global_state(model_fn, seed)
+        self.test_data = test_data
+        self.rounds, self.seed, self.eval_every = int(rounds), int(seed), int(eval_every)
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.progress = progress
+        self.max_update_norm, self.outlier_factor = max_update_norm, outlier_factor
+        self.criterion = criterion if criterion is not None else dice_ce_criterion()
+        self.device = torch.device(device)
+        self.generator = torch.Generator().manual_seed(stable_seed("selection", seed))
+        self.stopped_budget: list[str] = []
+        if mode is None:
+            mode = "dp-fedavg" if strategy.epsilon() is not None else ("dp-sgd" if self._any_dp() else "nonprivate")
+        self.history = History(config=dict(config or {}), mode=mode)
+        self.history.config.setdefault("strategy", strategy.describe())
+        self.history.config.setdefault("sites", {s.site_id: repr(s) for s in sites})
+        self._test_model = None
+        if self.checkpoint_dir is not None:
+            for s in sites:
+                s.state_path = self.checkpoint_dir / "sites" / f"{s.site_id}.pt"
+
+    def _any_dp(self) -> bool:
+        return any(s.engine is not None for s in self.sites.values())
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self.checkpoint_dir is None else self.checkpoint_dir / CHECKPOINT_NAME
+
+    def save_checkpoint(self, round: int) -> None:
+        """Atomic checkpoint of everything needed to continue after `round`."""
+        if self.checkpoint_path is None:
+            return
+        state = {
+            "round": round,
+            "site_ids": list(self.sites),
+            "global_state": self.global_state,
+            "strategy": self.strategy.state_dict(),
+            "sites": {sid: s.state_dict() for sid, s in self.sites.items()},
+            "selection_rng": self.generator.get_state(),
+            "stopped_budget": list(self.stopped_budget),
+            "history": self.history.to_dict(),
+        }
+        atomic_torch_save(state, self.checkpoint_path)
+
+    def load_checkpoint(self) -> int:
+        """Restores the state saved after a round; returns that round (0 if there is no checkpoint)."""
+        path = self.checkpoint_path
+        if path is None or not path.exists():
+            return 0
+        state = torch.load(path, weights_only=False)
+        if state["site_ids"] != list(self.sites):
+            raise ValueError(f"checkpoint {path} is for sites {state['site_ids']}, this run has {list(self.sites)}")
+        self.global_state = state["global_state"]
+        self.strategy.load_state_dict(state["strategy"])
+        for sid, s in self.sites.items():
+            s.load_state_dict(state["sites"][sid])
+            self._keep_newer_accounting(s)
+        self.generator.set_state(state["selection_rng"])
+        self.stopped_budget = list(state["stopped_budget"])
+        self.history = History.from_dict(state["history"])
+        return int(state["round"])
+
+    def _keep_newer_accounting(self, site: Site) -> None:
+        """A site saves its accountant before its update leaves it; if the run died after that but
+        before the round's checkpoint, the site's file has spent more privacy: keep the larger."""
+        if site.engine is None or site.state_path is None or not site.state_path.exists():
+            return
+        own = torch.load(site.state_path, weights_only=False)["engine"]["accountant"]
+        if sum(n for _, _, n in own["history"]) > site.engine.accountant.steps:
+            log.warning("site %s: its own state has spent more privacy than the checkpoint; keeping it", site.site_id)
+            site.engine.accountant.load_state_dict(own)
+
+    # --- one round -----------------------------------------------------------------------------
+    def _say(self, msg: str) -> None:
+        if self.progress:
+            print(msg, file=sys.stderr, flush=True)
+
+    def _local_phase(self, round: int, record: dict) -> list:
+        available = []
+        for sid, s in self.sites.items():
+            if sid in self.stopped_budget:
+                continue
+            if not s.within_budget():
+                self.stopped_budget.append(sid)
+                log.warning("site %s stops: the next round would pass its epsilon budget %s", sid, s.dp.epsilon_budget)
+                self._say(f"  site {sid} stops taking part: epsilon budget {s.dp.epsilon_budget} reached")
+                continue
+            available.append(sid)
+        record["stopped_budget"] = list(self.stopped_budget)
+        selected = self.strategy.select(available, round, self.generator)
+        record["participants"] = []
+        config = self.strategy.site_config(round)
+        updates = []
+        for sid in selected:
+            t0 = time.perf_counter()
+            try:
+                update = self.sites[sid].local_update(self.global_state, round, config)
+            except PrivacyBudgetExceeded as e:
+                self.stopped_budget.append(sid)
+                record["failed"].append({"site": sid, "error": f"PrivacyBudgetExceeded: {e}"})
+                log.warning("site %s refused a step beyond its budget: %s", sid, e)
+                continue
+            except Exception as e:  # a failing site must not stop the round
+                record["failed"].append({"site": sid, "error": f"{type(e).__name__}: {e}"})
+                log.error("site %s failed in round %d:\n%s", sid, round, traceback.format_exc())
+                self._say(f"  site {sid} FAILED: {type(e).__name__}: {e}")
+                continue
+            dt = time.perf_counter() - t0
+            record["participants"].append(sid)
+            record["sites"][sid].update(
+                participated=True,
+                train_loss=update.train_loss,
+                steps=update.steps,
+                local_s=dt,
+            )
+            updates.append(update)
+            eps = "" if update.epsilon is None else f"  epsilon {update.epsilon:.3f}"
+            self._say(f"  site {sid}: {update.steps} steps in {dt:.1f} s  loss {update.train_loss:.4f}{eps}")
+        return updates
+
+    def _evaluate(self, record: dict) -> None:
+        for sid, s in self.sites.items():
+            metrics = s.evaluate(self.global_state)
+            record["sites"][sid]["val_dice"] = metrics.get("dice")
+            record["sites"][sid]["val_loss"] = metrics.get("loss")
+        if self.test_data is not None:
+            if self._test_model is None:
+                self._test_model = self.model_fn().to(self.device)
+            record["test"] = evaluate_model(
+                self._test_model, self.global_state, self.test_data, self.criterion, self.device
+            )
+
+    def run_round(self, round: int) -> dict:
+        """One round; returns its history record (also appended to self.history)."""
+        t_round = time.perf_counter()
+        record: dict = {
+            "round": round,
+            "participants": [],
+            "rejected": [],
+            "failed": [],
+            "stopped_budget": [],
+            "test": None,
+            "server_epsilon": None,
+            "sites": {
+                sid: {
+                    "participated": False,
+                    "train_loss": None,
+                    "val_dice": None,
+                    "val_loss": None,
+                    "epsilon": None,
+                    "steps": 0,
+                    "num_samples": s.num_samples,
+                    "local_s": 0.0,
+                }
+                for sid, s in self.sites.items()
+            },
+        }
+        t0 = time.perf_counter()
+        updates = self._local_phase(round, record)
+        t_local = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        accepted, rejected = screen_updates(updates, self.global_state, self.max_update_norm, self.outlier_factor)
+        for r in rejected:
+            log.warning("round %d: update of site %s rejected: %s", round, r["site"], r["reason"])
+            self._say(f"  update of site {r['site']} REJECTED: {r['reason']}")
+            if r["site"] in record["sites"]:
+                record["sites"][r["site"]]["participated"] = False
+        record["rejected"] = rejected
+        record["participants"] = [u.site_id for u in accepted]
+        self.global_state = self.strategy.aggregate(self.global_state, accepted, round)
+        t_agg = time.perf_counter() - t0
+
+        for sid, s in self.sites.items():
+            record["sites"][sid]["epsilon"] = None if s.engine is None else s.epsilon()
+        record["server_epsilon"] = self.strategy.epsilon()
+
+        t0 = time.perf_counter()
+        if round % self.eval_every == 0 or round == self.rounds:
+            self._evaluate(record)
+        t_eval = time.perf_counter() - t0
+        record["phase_s"] = {"local_training": t_local, "aggregation": t_agg, "evaluation": t_eval}
+        record["wall_s"] = time.perf_counter() - t_round
+        self.history.rounds.append(record)
+        return record
+
+    # --- the run -------------------------------------------------------------------------------
+    def run(self, resume: bool = True, stop_after: int | None = None) -> History:
+        """Runs rounds up to self.rounds (continuing from the checkpoint when resume is set).
+
+        Args:
+            resume: continue from checkpoint_dir/checkpoint.pt when it exists.
+            stop_after: stop after this round (to split a run; a later run() with resume continues).
+        Returns: the History (also written to out_dir after every round).
+        """
+        start = self.load_checkpoint() + 1 if resume else 1
+        if start > 1:
+            self._say(f"resuming after round {start - 1} from {self.checkpoint_path}")
+        last = self.rounds if stop_after is None else min(self.rounds, stop_after)
+        t_run = time.perf_counter()
+        for r in range(start, last + 1):
+            self._say(f"[{self.history.mode}] round {r}/{self.rounds}")
+            rec = self.run_round(r)
+            if self.out_dir is not None:
+                self.history.save(self.out_dir)
+            self.save_checkpoint(r)
+            self._say(self._summary_line(rec, r, start, last, time.perf_counter() - t_run))
+        if self.out_dir is not None:
+            self.history.save(self.out_dir)
+        return self.history
+
+    def _summary_line(self, rec: dict, r: int, start: int, last: int, elapsed: float) -> str:
+        done = r - start + 1
+        eta = elapsed / done * (last - r)
+        parts = [f"[{self.history.mode}] round {r}/{self.rounds} done in {rec['wall_s']:.1f} s"]
+        if rec["test"]:
+            parts.append(f"test Dice {rec['test']['dice']:.3f}")
+        eps = {sid: s["epsilon"] for sid, s in rec["sites"].items() if s["epsilon"] is not None}
+        if eps:
+            parts.append("epsilon " + " ".join(f"{k}={v:.2f}" for k, v in eps.items()))
+        if rec["server_epsilon"] is not None:
+            parts.append(f"server epsilon {rec['server_epsilon']:.2f}")
+        if last > r:
+            parts.append(f"ETA {_fmt_seconds(eta)}")
+        return " | ".join(parts)
+
+    @property
+    def global_model(self) -> nn.Module:
+        """A fresh model holding the current global state."""
+        model = self.model_fn()
+        model.load_state_dict(self.global_state)
+        return model

@@ -1,0 +1,346 @@
+"""A Site (hospital): its data, its local training (DP-SGD or not) and its own privacy accountant.
+
+What leaves a site is a :class:`SiteUpdate`: the change of the model's floating-point state after
+`local_steps` optimizer steps, the training-set size (the FedAvg weight), the number of steps, the
+mean training loss and, with DP, the site's epsilon. Images and masks never leave it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from fastdp.accounting import Accountant, get_noise_multiplier
+from fastdp.engine import DPDataLoader, PrivacyEngine
+from fastdp.federated.atomic import atomic_torch_save
+from fastdp.models import dice_ce_criterion, dice_global
+
+
+@dataclass
+class DPConfig:
+    """Sample-level DP-SGD at a site (per-sample clipping to max_grad_norm, noise sigma * C).
+
+    Give either noise_multiplier (sigma) or target_epsilon; the latter is calibrated so that the
+    site's planned steps (planned_rounds * local_steps) spend it at `delta`.
+    epsilon_budget: the site stops taking part before a round that would take it past this.
+    """
+
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    epsilon_budget: float | None = None
+    accountant: str = "rdp"
+
+    def __post_init__(self) -> None:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("DPConfig: give exactly one of noise_multiplier and target_epsilon")
+        if self.noise_multiplier is not None and self.noise_multiplier < 0:
+            raise ValueError(f"DPConfig.noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if self.target_epsilon is not None and not self.target_epsilon > 0:
+            raise ValueError(f"DPConfig.target_epsilon must be > 0, got {self.target_epsilon}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"DPConfig.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"DPConfig.delta must be in (0, 1), got {self.delta}")
+        if self.epsilon_budget is not None and not self.epsilon_budget > 0:
+            raise ValueError(f"DPConfig.epsilon_budget must be > 0, got {self.epsilon_budget}")
+
+
+@dataclass
+class SiteUpdate:
+    """Exactly what a site sends to the server after local training.
+
+    delta: local_state - global_state for every floating-point entry of model.state_dict()
+        (same keys and shapes as the global state).
+    num_samples: the site's training-set size (FedAvg weight).
+    steps: local optimizer steps taken.
+    train_loss: mean training loss over the local steps (nan if no step saw a sample).
+    epsilon: the site's sample-level epsilon after this update at its delta (None when non-private).
+    """
+
+    site_id: str
+    delta: dict[str, torch.Tensor]
+    num_samples: int
+    steps: int
+    train_loss: float
+    epsilon: float | None = None
+
+    def norm(self) -> float:
+        """L2 norm of the whole delta (all tensors flattened together)."""
+        return math.sqrt(sum(float(d.double().pow(2).sum()) for d in self.delta.values()))
+
+
+def floating_keys(state: dict[str, torch.Tensor]) -> list[str]:
+    """Keys of the entries that training changes and FedAvg averages (floating-point tensors)."""
+    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()]
+
+
+def stable_seed(*parts) -> int:
+    """A 63-bit seed from any printable parts; stable across processes (unlike hash())."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "sgdm":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    raise ValueError(f"unknown optimizer {name!r}: expected 'adam', 'sgd' or 'sgdm'")
+
+
+class Site:
+    """One hospital: local data, local (DP-)training on a private model copy, its own accountant.
+
+    Args:
+        site_id: a name unique in the federation.
+        train_data: a Dataset of (image [1, H, W] float, mask [H, W] int) pairs.
+        val_data: the site's validation Dataset (same format) or None.
+        model_fn: builds the model architecture (weights come from the global state each round).
+        batch_size: expected batch size; batches are Poisson-sampled with rate batch_size / N
+            (for DP the accountant's analysis needs it; without DP the same batches keep runs comparable).
+        local_steps: optimizer steps per round.
+        lr: local learning rate.
+        optimizer: "adam", "sgd" or "sgdm" (SGD with momentum 0.9). Its state stays at the site.
+        dp: DPConfig for DP-SGD, None for non-private training.
+        criterion: per-sample-capable loss (default: fastdp.models.dice_ce_criterion()).
+        seed: seeds the site's batch sampling and DP noise (with site_id).
+        planned_rounds: rounds the site is expected to train (for calibrating dp.target_epsilon).
+        device: torch device for local training and evaluation.
+        eval_batch_size: slices per forward pass in evaluate().
+        secure_mode: DP noise and sampling seeds from the OS CSPRNG (not replayable; resume then
+            keeps privacy accounting but not bit-exact results).
+    """
+
+    def __init__(
+        self,
+        site_id: str,
+        train_data: Dataset,
+        val_data: Dataset | None,
+        model_fn: Callable[[], nn.Module],
+        *,
+        batch_size: int = 16,
+        local_steps: int = 10,
+        lr: float = 1e-3,
+        optimizer: str = "adam",
+        dp: DPConfig | None = None,
+        criterion: nn.Module | None = None,
+        seed: int = 0,
+        planned_rounds: int | None = None,
+        device: str | torch.device = "cpu",
+        eval_batch_size: int = 64,
+        secure_mode: bool = False,
+    ) -> None:
+        n = len(train_data)  # type: ignore[arg-type]
+        if n == 0:
+            raise ValueError(f"site {site_id!r}: empty training set")
+        if batch_size < 1 or local_steps < 1:
+            raise ValueError(f"site {site_id!r}: batch_size and local_steps must be >= 1")
+        if not lr > 0:
+            raise ValueError(f"site {site_id!r}: lr must be > 0, got {lr}")
+        self.site_id = site_id
+        self.train_data, self.val_data = train_data, val_data
+        self.num_samples = n
+        self.local_steps, self.lr, self.batch_size = int(local_steps), float(lr), int(batch_size)
+        self.dp = dp
+        self.device = torch.device(device)
+        self.eval_batch_size = eval_batch_size
+        self.criterion = criterion if criterion is not None else dice_ce_criterion()
+        self.sample_rate = min(1.0, batch_size / n)
+        # Where the site persists its own state (accountant first of all) before an update leaves it.
+        self.state_path: Path | None = None
+
+        self.generator = torch.Generator().manual_seed(stable_seed("sampling", seed, site_id))
+        # steps=local_steps: one pass over the loader is one round of local training.
+        loader = DPDataLoader(train_data, self.sample_rate, steps=self.local_steps, generator=self.generator)
+        model = model_fn().to(self.device)
+        opt = _make_optimizer(optimizer, model.parameters(), lr)
+        self.engine: PrivacyEngine | None = None
+        self.noise_multiplier: float | None = None
+        if dp is not None:
+            sigma = dp.noise_multiplier
+            if sigma is None:
+                if planned_rounds is None:
+                    raise ValueError(f"site {site_id!r}: DPConfig.target_epsilon needs planned_rounds")
+                sigma = get_noise_multiplier(
+                    dp.target_epsilon,
+                    dp.delta,
+                    self.sample_rate,
+                    steps=int(planned_rounds) * self.local_steps,
+                    accountant=dp.accountant,
+                )
+            self.noise_multiplier = float(sigma)
+            self.engine = PrivacyEngine(
+                accountant=dp.accountant, secure_mode=secure_mode, seed=stable_seed("noise", seed, site_id)
+            )
+            model, opt, loader = self.engine.make_private(
+                module=model,
+                optimizer=opt,
+                data_loader=loader,
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=dp.max_grad_norm,
+                poisson_sampling=True,
+                max_epsilon=dp.epsilon_budget,
+                target_delta=dp.delta,
+            )
+        self.model, self.optimizer, self.loader = model, opt, loader
+        self._eval_model = model_fn().to(self.device)
+
+    # --- privacy -------------------------------------------------------------------------------
+    @property
+    def accountant(self) -> Accountant | None:
+        return None if self.engine is None else self.engine.accountant
+
+    def epsilon(self) -> float:
+        """Sample-level epsilon spent so far at dp.delta (0.0 before training; inf when non-private)."""
+        if self.engine is None:
+            return math.inf
+        return self.engine.get_epsilon(self.dp.delta) if self.engine.accountant.steps else 0.0
+
+    def epsilon_after_round(self) -> float:
+        """The epsilon one more round of local_steps would bring the site to (inf when non-private)."""
+        if self.engine is None:
+            return math.inf
+        return self.engine.accountant.epsilon_after(
+            self.noise_multiplier, self.sample_rate, self.dp.delta, steps=self.local_steps
+        )
+
+    def within_budget(self) -> bool:
+        """False when the next round would take the site past dp.epsilon_budget."""
+        if self.dp is None or self.dp.epsilon_budget is None:
+            return True
+        return self.epsilon_after_round() <= self.dp.epsilon_budget
+
+    # --- training ------------------------------------------------------------------------------
+    def _load_global(self, model: nn.Module, global_state: dict[str, torch.Tensor]) -> None:
+        model.load_state_dict({k: v.to(self.device) for k, v in global_state.items()})
+
+    def local_update(
+        self, global_state: dict[str, torch.Tensor], round: int = 0, config: dict | None = None
+    ) -> SiteUpdate:
+        """Trains `local_steps` steps from global_state and returns the update (the only thing that leaves).
+
+        Args:
+            global_state: the server's model state_dict.
+            round: round number (for logging).
+            config: per-round settings from the strategy; "proximal_mu" (FedProx) pulls the weights
+                towards global_state after every step by w -= lr * mu * (w - w_global). That pull
+                does not look at data, so it is post-processing of the DP step and keeps DP.
+        """
+        config = config or {}
+        mu = float(config.get("proximal_mu", 0.0))
+        self._load_global(self.model, global_state)
+        self.model.train()
+        anchors = None
+        if mu > 0:
+            anchors = {k: v.detach().to(self.device) for k, v in global_state.items()}
+        params = dict(self.model.named_parameters())
+        losses, steps = [], 0
+        for x, y in self.loader:
+            x, y = x.to(self.device), y.to(self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            if len(x) == 0 and self.engine is None:
+                steps += 1  # an empty Poisson batch: nothing to learn from, no privacy to spend
+                continue
+            loss = self.criterion(self.model(x), y)
+            loss.backward()
+            self.optimizer.step()
+            steps += 1
+            if len(x):
+                losses.append(float(loss.detach()))
+            if anchors is not None:
+                with torch.no_grad():
+                    for name, p in params.items():
+                        if p.requires_grad and name in anchors:
+                            p.sub_(self.lr * mu * (p - anchors[name]))
+        local = self.model.state_dict()
+        delta = {k: (local[k].detach() - global_state[k].to(self.device)).cpu() for k in floating_keys(global_state)}
+        update = SiteUpdate(
+            site_id=self.site_id,
+            delta=delta,
+            num_samples=self.num_samples,
+            steps=steps,
+            train_loss=sum(losses) / len(losses) if losses else math.nan,
+            epsilon=None if self.engine is None else self.epsilon(),
+        )
+        # Privacy spent is never lost: persist the accountant before the update leaves the site.
+        if self.state_path is not None:
+            atomic_torch_save(self.state_dict(), self.state_path)
+        return update
+
+    @torch.no_grad()
+    def evaluate(self, global_state: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Liver Dice over all validation pixels and the mean loss of the global model; {} without val data."""
+        if self.val_data is None or len(self.val_data) == 0:  # type: ignore[arg-type]
+            return {}
+        return evaluate_model(
+            self._eval_model, global_state, self.val_data, self.criterion, self.device, self.eval_batch_size
+        )
+
+    # --- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything the site needs to continue exactly: optimizer, accountant, noise stream, sampler RNG."""
+        return {
+            "site_id": self.site_id,
+            "optimizer": self.optimizer.state_dict(),
+            "engine": None if self.engine is None else self.engine.state_dict(),
+            "sampler_rng": self.generator.get_state(),
+            "noise_multiplier": self.noise_multiplier,
+            "dp": None if self.dp is None else asdict(self.dp),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["site_id"] != self.site_id:
+            raise ValueError(f"state of site {state['site_id']!r} loaded into site {self.site_id!r}")
+        if (state["engine"] is None) != (self.engine is None):
+            raise ValueError(f"site {self.site_id!r}: checkpoint and site disagree on whether DP is on")
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.engine is not None:
+            self.engine.load_state_dict(state["engine"])
+            self.noise_multiplier = float(state["noise_multiplier"])
+        self.generator.set_state(state["sampler_rng"])
+
+    def __repr__(self) -> str:
+        dp = "non-private" if self.dp is None else f"DP sigma={self.noise_multiplier:.3g} C={self.dp.max_grad_norm}"
+        return f"Site({self.site_id!r}, n={self.num_samples}, steps/round={self.local_steps}, {dp})"
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    data: Dataset,
+    criterion: nn.Module,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """{"dice": liver Dice over all pixels, "loss": mean per-slice loss} of `model` with `state` on `data`."""
+    model.load_state_dict({k: v.to(device) for k, v in state.items()})
+    model.eval()
+    preds, targets, loss_sum, n = [], [], 0.0, 0
+    for x, y in DataLoader(data, batch_size=batch_size, shuffle=False):
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        loss_sum += float(criterion(logits, y)) * len(x)
+        n += len(x)
+        preds.append(logits.argmax(1).cpu())
+        targets.append(y.cpu())
+    return {"dice": dice_global(torch.cat(preds), torch.cat(targets)), "loss": loss_sum / max(n, 1)}
+
+
+def timed(fn, *args, **kwargs):
+    """(fn(*args, **kwargs), seconds)."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
