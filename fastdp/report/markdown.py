@@ -149,7 +149,7 @@ def _attack_section(attack: dict, bases: list[Path], run_dir: Path, plots_dir: P
         else:
             rel = Path(os.path.relpath(img, report_dir)).as_posix()
             out += [f"![attack reconstructions]({rel})", ""]
-    skip = {"metrics", "grid", "grids", "error"}
+    skip = {"metrics", "grid", "grids", "error", "traceback"}
     for key, value in attack.items():
         if key in skip:
             continue
@@ -157,6 +157,9 @@ def _attack_section(attack: dict, bases: list[Path], run_dir: Path, plots_dir: P
             out += [f"**{key.replace('_', ' ')}**", "", markdown_table(value)]
         elif not isinstance(value, (list, dict)):
             out += [f"- {key.replace('_', ' ')}: {_fmt(value)}"]
+    if attack.get("traceback"):
+        out += ["", "<details><summary>traceback</summary>", "", "```", str(attack["traceback"]).rstrip(), "```"]
+        out += ["", "</details>"]
     out.append("")
     return out
 

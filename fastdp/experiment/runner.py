@@ -1,0 +1,340 @@
+"""Runs an experiment end to end: data -> one federated run per mode -> attack -> report.
+
+    from fastdp.experiment import load_config
+    from fastdp.experiment.runner import run_experiment
+    run_dir = run_experiment(load_config("configs/demo.toml"))
+
+The run folder (``config.out_dir``)::
+
+    config.toml                   the resolved config
+    <run>/history.json, .csv      per run ("nonprivate", "dp", "centralised", "dp_eps<e>"), from Simulation
+    <run>/checkpoints/            Simulation's per-round checkpoints (a rerun resumes from them)
+    <run>/global_model.pt         the final global model's state_dict
+    attack/attack.json, *.png     the gradient-inversion attack's metrics and reconstruction grid
+    report.md, plots/*.png        the report
+
+Training uses :mod:`fastdp.federated` (Site, strategies, Simulation) and the attack uses
+:mod:`fastdp.attacks`; both are imported only when needed, with an ImportError that says what
+is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastdp.experiment.config import ExperimentConfig
+from fastdp.experiment.data import ExperimentData, build_data
+
+__all__ = ["RunSpec", "planned_noise_multiplier", "planned_runs", "run_attack", "run_experiment", "run_mode"]
+
+log = logging.getLogger("fastdp.experiment")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of an experiment.
+
+    Attributes:
+        label: its folder name and its name in the report.
+        mode: "centralised", "nonprivate" or "dp".
+        target_epsilon: the per-site epsilon a DP run calibrates sigma to (None: use the config).
+    """
+
+    label: str
+    mode: str
+    target_epsilon: float | None = None
+
+
+def planned_runs(cfg: ExperimentConfig) -> list[RunSpec]:
+    """The runs ``cfg.modes`` asks for, in order; an epsilon sweep expands "dp" into one run per epsilon."""
+    runs = []
+    for mode in cfg.modes:
+        if mode == "dp" and cfg.dp.epsilon_sweep:
+            runs += [RunSpec(f"dp_eps{eps:g}", "dp", eps) for eps in cfg.dp.epsilon_sweep]
+        else:
+            runs.append(RunSpec(mode, mode))
+    return runs
+
+
+def planned_noise_multiplier(cfg: ExperimentConfig, n_train: int, target_epsilon: float | None = None) -> float:
+    """sigma of a DP site with ``n_train`` slices: the configured one, or calibrated to the target epsilon.
+
+    Calibrated over every planned step (rounds * local_steps) at sample rate batch_size / n_train,
+    as a site that takes part in every round spends it.
+    """
+    from fastdp.accounting import get_noise_multiplier
+
+    if cfg.dp.noise_multiplier is not None and target_epsilon is None:
+        return cfg.dp.noise_multiplier
+    eps = target_epsilon if target_epsilon is not None else cfg.dp.target_epsilon
+    fed = cfg.federated
+    q = min(1.0, fed.batch_size / max(1, n_train))
+    return get_noise_multiplier(eps, cfg.dp.delta, q, fed.rounds * fed.local_steps, cfg.dp.accountant)
+
+
+def _federated():
+    """The fastdp.federated module, or an ImportError that says what the runner needs from it."""
+    try:
+        import fastdp.federated as federated
+    except ImportError as exc:
+        raise ImportError(
+            "`fastdp run` needs fastdp.federated (Site, DPConfig, FedAvg, FedProx, DPFedAvg, Simulation), "
+            f"which could not be imported: {exc}"
+        ) from exc
+    return federated
+
+
+def _device(cfg: ExperimentConfig) -> str:
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device = 'cuda' but torch sees no CUDA device; set device = 'cpu' or 'auto'")
+    return cfg.device
+
+
+def model_factory(cfg: ExperimentConfig) -> Callable[[], nn.Module]:
+    """A zero-argument function building a fresh model of the configured kind (what Site and Simulation take)."""
+    from fastdp.models import build_model
+
+    name, kwargs = cfg.model.name, dict(cfg.model.kwargs)
+
+    def make() -> nn.Module:
+        return build_model(name, **kwargs)
+
+    try:
+        make()  # fail here, naming the config key, rather than inside the first round
+    except (TypeError, ValueError) as exc:
+        from fastdp.experiment.config import ConfigError
+
+        raise ConfigError(f"model.kwargs: {name} does not accept {kwargs}: {exc}") from None
+    return make
+
+
+def _site_dp(cfg: ExperimentConfig, run: RunSpec, site: str, federated):
+    """The federated DPConfig of one site in a DP run (None outside DP runs)."""
+    if run.mode != "dp":
+        return None
+    dp = cfg.dp
+    target = run.target_epsilon if run.target_epsilon is not None else dp.target_epsilon
+    sigma = dp.noise_multiplier if run.target_epsilon is None else None
+    return federated.DPConfig(
+        noise_multiplier=sigma,
+        target_epsilon=None if sigma is not None else target,
+        max_grad_norm=dp.max_grad_norm,
+        delta=dp.delta,
+        epsilon_budget=dp.budget_for(site),
+        accountant=dp.accountant,
+    )
+
+
+def _strategy(cfg: ExperimentConfig, run: RunSpec, federated):
+    fed = cfg.federated
+    if fed.strategy == "fedprox":
+        return federated.FedProx(mu=fed.fedprox_mu)
+    # User-level DP at the server belongs to the DP run; the non-private baseline averages plainly.
+    if fed.strategy == "dp-fedavg" and run.mode == "dp":
+        return federated.DPFedAvg(
+            clip_norm=fed.server_clip_norm,
+            noise_multiplier=fed.server_noise_multiplier,
+            sites_per_round=fed.sites_per_round or len(cfg.data.sites),
+            delta=cfg.dp.delta,
+        )
+    return federated.FedAvg()
+
+
+def _sites(cfg: ExperimentConfig, run: RunSpec, data: ExperimentData, make_model, device: str, federated) -> list:
+    fed = cfg.federated
+    common = dict(
+        batch_size=fed.batch_size,
+        lr=fed.lr,
+        optimizer=fed.optimizer,
+        planned_rounds=fed.rounds,
+        device=device,
+    )
+    if run.mode == "centralised":
+        # One site with everything; as many steps per round as all sites together, so the
+        # compute matches the federated runs.
+        train, val = data.pooled()
+        steps = fed.local_steps * len(data.train)
+        return [federated.Site("pooled", train, val, make_model, local_steps=steps, seed=cfg.seed, **common)]
+    return [
+        federated.Site(
+            name,
+            data.train[name],
+            data.val[name],
+            make_model,
+            local_steps=fed.local_steps,
+            dp=_site_dp(cfg, run, name, federated),
+            seed=cfg.seed * 1000 + k,  # the same per-site sampling stream in every run: paired comparison
+            **common,
+        )
+        for k, name in enumerate(data.train)
+    ]
+
+
+def _global_state(simulation, history) -> dict[str, torch.Tensor] | None:
+    for owner in (simulation, history):
+        state = getattr(owner, "global_state", None)
+        if state is not None:
+            return state
+    return None
+
+
+def run_mode(
+    cfg: ExperimentConfig, run: RunSpec, data: ExperimentData, run_dir: Path, *, progress: bool = True
+) -> Path | None:
+    """Trains one run with fastdp.federated.Simulation into ``run_dir/run.label``.
+
+    Writes history.json/.csv (Simulation), checkpoints/ (resumed if present) and, when the
+    simulation exposes it, global_model.pt. Returns the global_model.pt path or None.
+    """
+    federated = _federated()
+    make_model = model_factory(cfg)
+    device = _device(cfg)
+    out = run_dir / run.label
+    sim_kwargs = dict(
+        test_data=data.test,
+        rounds=cfg.federated.rounds,
+        seed=cfg.seed,
+        checkpoint_dir=out / "checkpoints",
+        out_dir=out,
+        progress=progress,
+    )
+    if cfg.federated.sites_per_round is not None and run.mode != "centralised":
+        sim_kwargs["sites_per_round"] = cfg.federated.sites_per_round
+    torch.manual_seed(cfg.seed)
+    simulation = federated.Simulation(
+        _sites(cfg, run, data, make_model, device, federated), _strategy(cfg, run, federated), make_model, **sim_kwargs
+    )
+    history = simulation.run(resume=True)
+    state = _global_state(simulation, history)
+    if state is None:
+        return None
+    path = out / "global_model.pt"
+    torch.save({k: v.detach().cpu() for k, v in state.items()}, path)
+    return path
+
+
+def _attack_entry():
+    try:
+        from fastdp.attacks import run_attack_experiment
+    except ImportError as exc:
+        raise ImportError(
+            f"the attack step needs fastdp.attacks.run_attack_experiment, which could not be imported: {exc}"
+        ) from exc
+    return run_attack_experiment
+
+
+def run_attack(cfg: ExperimentConfig, data: ExperimentData, run_dir: Path, model_path: Path | None = None) -> dict:
+    """Gradient inversion on one site's update, non-private and DP, of the same slices.
+
+    The attacked model is the final global model at ``model_path`` (a state_dict; None: a fresh
+    model). Calls ``fastdp.attacks.run_attack_experiment`` and writes its result dict (metrics
+    table, reconstruction-grid PNG path) to ``run_dir/attack/attack.json``; returns that dict.
+    """
+    attack = _attack_entry()
+    make_model = model_factory(cfg)
+    model = make_model()
+    if model_path is not None:
+        model.load_state_dict(torch.load(model_path, map_location="cpu"))
+    site = cfg.attack.site or cfg.data.sites[0]
+    train = data.train[site]
+    n = max(cfg.attack.batch_sizes)
+    # A fixed, seeded choice of slices: the non-private and the DP attack see the same ones.
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[:n].tolist()
+    images = torch.stack([train[i][0] for i in idx])
+    masks = torch.stack([train[i][1] for i in idx])
+    sigmas = [0.0]
+    if "dp" in cfg.modes:
+        sigmas.append(planned_noise_multiplier(cfg, len(train)))
+    sigmas += [s for s in cfg.attack.sigmas if s not in sigmas]
+    out = run_dir / "attack"
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result = dict(
+        attack(
+            model,
+            images,
+            masks,
+            batch_sizes=list(cfg.attack.batch_sizes),
+            sigmas=sigmas,
+            max_grad_norm=cfg.dp.max_grad_norm,
+            steps=cfg.attack.steps,
+            lr=cfg.attack.lr,
+            tv_weight=cfg.attack.tv_weight,
+            restarts=cfg.attack.restarts,
+            known_mask=cfg.attack.known_mask,
+            seed=cfg.seed,
+            out_dir=out,
+        )
+    )
+    result.setdefault("time_s", time.perf_counter() - start)
+    result.setdefault("site", site)
+    _write_json(out / "attack.json", result)
+    return result
+
+
+def _write_json(path: Path, data: dict) -> None:
+    def default(o):
+        if isinstance(o, Path):
+            return str(o)
+        if isinstance(o, torch.Tensor):
+            return o.tolist()
+        return repr(o)
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=default))
+    tmp.replace(path)
+
+
+def run_experiment(config: ExperimentConfig, *, progress: bool = True, report: bool = True) -> Path:
+    """Trains every configured run, attacks, writes the report; returns the run folder.
+
+    Steps: write config.toml -> build the sites' data -> for each run (planned_runs) train it
+    with fastdp.federated.Simulation -> if attack.enabled, attack the final non-private model's
+    updates without and with DP noise -> report.md. A rerun with the same out_dir resumes the
+    runs from their checkpoints. An attack that fails is recorded in attack/attack.json and in
+    the report; training results are kept.
+    """
+    cfg = config.validate()
+    torch.set_num_threads(cfg.threads)
+    _federated()  # before any work: a missing federated package fails in a second, not after data generation
+    run_dir = Path(cfg.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(cfg.to_toml())
+    start = time.perf_counter()
+    data = build_data(cfg.data, cfg.seed)
+    models: dict[str, Path | None] = {}
+    for run in planned_runs(cfg):
+        log.info("run %s (%s)", run.label, run.mode)
+        t0 = time.perf_counter()
+        models[run.label] = run_mode(cfg, run, data, run_dir, progress=progress)
+        log.info("run %s done in %.1f s", run.label, time.perf_counter() - t0)
+    if cfg.attack.enabled:
+        # The attacker's model: the non-private global model if there is one (the paper attacks
+        # a trained network), else the first run's.
+        model_path = models.get("nonprivate") or next((p for p in models.values() if p is not None), None)
+        try:
+            run_attack(cfg, data, run_dir, model_path)
+        except Exception as exc:  # the report shows the failure; training results stay
+            (run_dir / "attack").mkdir(exist_ok=True)
+            _write_json(
+                run_dir / "attack" / "attack.json",
+                {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()},
+            )
+            log.warning("attack failed: %s", exc)
+    if report:
+        from fastdp.report import write_report
+
+        write_report(run_dir, title=f"{cfg.name}: fastdp experiment")
+    log.info("experiment done in %.1f s: %s", time.perf_counter() - start, run_dir)
+    return run_dir
