@@ -11,7 +11,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -153,7 +153,7 @@ class Site:
         self.train_data, self.val_data = train_data, val_data
         self.num_samples = n
         self.local_steps, self.lr, self.batch_size = int(local_steps), float(lr), int(batch_size)
-        self.dp = dp
+        self.dp = None if dp is None else replace(dp)  # a copy: sites must not share a mutable budget
         self.device = torch.device(device)
         self.eval_batch_size = eval_batch_size
         self.criterion = criterion if criterion is not None else dice_ce_criterion()
