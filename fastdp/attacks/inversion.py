@@ -1,0 +1,451 @@
+"""Gradient inversion: reconstruct training images (and masks) from what a site shares.
+
+Threat model: an honest-but-curious server that knows the global model (architecture and
+weights), the loss, the site's local optimiser settings (SGD learning rate and number of local
+steps) and sees the site's shared object: a one-step gradient or a multi-step update
+``delta = local - global`` (:class:`fastdp.federated.SiteUpdate.delta`). It searches for a
+candidate batch (images x' in [0, 1], masks m') whose simulated gradient or update matches the
+observed one:
+
+* ``objective="cosine"`` — Inverting Gradients (Geiping et al. 2020): 1 - cosine similarity of
+  the (layer-weighted) gradients over all layers, plus ``tv_weight`` * total variation of x',
+  minimised with Adam on the *signs* of the gradients, a box constraint [0, 1], a step
+  learning-rate decay and several restarts (the best by final objective is kept).
+* ``objective="l2"`` — Deep Leakage from Gradients (Zhu et al. 2019): squared L2 distance of the
+  gradients, usually with L-BFGS (``optimizer="lbfgs"``).
+
+For a multi-step update the local SGD steps are unrolled with ``torch.func.functional_call``
+(Geiping's FedAvg variant) so the candidate is scored on the update it would produce, not on one
+gradient. With ``max_grad_norm`` the simulation also clips each candidate sample's gradient as
+DP-SGD does (the server knows C); the noise is the one thing it cannot simulate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def soft_dice_ce(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+    """Per-sample soft Dice + cross-entropy that accepts soft (probability) targets.
+
+    Equals :func:`fastdp.models.per_sample_loss` (MONAI Dice with softmax over all classes,
+    ``batch=False``, smooth 1e-5, plus pixel-mean cross-entropy) when ``target`` is one-hot, and
+    stays differentiable in ``target`` so a mask can be optimised jointly with the image.
+
+    Args:
+        logits: [B, C, H, W].
+        target: class probabilities [B, C, H, W] (one-hot for a known mask).
+    Returns: [B] per-sample losses.
+    """
+    p = logits.softmax(1)
+    dims = tuple(range(2, logits.dim()))
+    inter = (p * target).sum(dims)
+    denom = p.sum(dims) + target.sum(dims)
+    dice = 1.0 - (2.0 * inter + smooth) / (denom + smooth)  # [B, C]
+    ce = -(target * logits.log_softmax(1)).sum(1)  # [B, H, W]
+    return dice.mean(1) + ce.reshape(logits.shape[0], -1).mean(1)
+
+
+def layer_weights_geometric(names: Sequence[str], decay: float) -> dict[str, float]:
+    """Weights ``decay**i`` for the i-th parameter (in model order): decay < 1 favours the first layers.
+
+    The first layers see the input at full resolution, so their gradients carry most of the image;
+    the deep layers of a U-Net mostly carry the label.
+    """
+    return {n: float(decay**i) for i, n in enumerate(names)}
+
+
+@dataclass
+class InversionResult:
+    """Output of :func:`invert_gradients`.
+
+    Attributes:
+        images: best reconstruction [B, C_in, H, W] in [0, 1].
+        mask_probs: class probabilities of the reconstructed masks [B, num_classes, H, W]
+            (the given one-hot masks when the mask was known).
+        loss: final objective of the best restart (gradient-matching term + prior).
+        losses: final objective of every restart.
+        history: (iteration, objective) pairs of the best restart, every ``log_every`` iterations.
+        seconds: wall time of the whole attack (all restarts).
+    """
+
+    images: torch.Tensor
+    mask_probs: torch.Tensor
+    loss: float
+    losses: list[float] = field(default_factory=list)
+    history: list[tuple[int, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class PCAImagePrior:
+    """A CT image prior: images as the mean plus a few principal components of reference slices.
+
+    The attacker fits it on public CT slices (other patients, another scanner); the inversion
+    then searches over ``components`` coefficients instead of every pixel, which turns an
+    under-determined problem (4096 pixels, a gradient blind to some directions) into a
+    well-posed one. The mean image is itself a guess that needs no gradient: score attacks that
+    use a prior against it (``fastdp.attacks.metrics.trivial_guesses(..., reference_mean=...)``).
+
+    Args:
+        reference: [N, C, H, W] reference images in [0, 1] (not the attacked ones).
+        components: number K of principal components kept (at most N).
+
+    Coefficients are whitened: ``decode(z)`` with z ~ N(0, I) has the reference's spread.
+    """
+
+    def __init__(self, reference: torch.Tensor, components: int = 64):
+        flat = reference.detach().float().flatten(1)
+        if components > flat.shape[0]:
+            raise ValueError(f"components={components} > number of reference images {flat.shape[0]}")
+        self.shape = tuple(reference.shape[1:])
+        self.mean = flat.mean(0)
+        _, s, vh = torch.linalg.svd(flat - self.mean, full_matrices=False)
+        # Rows of `basis` are principal directions times the reference's std along them.
+        self.basis = vh[:components] * (s[:components, None] / math.sqrt(max(flat.shape[0] - 1, 1)))
+        self.components = components
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Coefficients [B, K] -> images [B, C, H, W] (not clamped)."""
+        return (self.mean + z @ self.basis).reshape(z.shape[0], *self.shape)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, C, H, W] -> least-squares coefficients [B, K]."""
+        r = images.float().flatten(1) - self.mean
+        return torch.linalg.lstsq(self.basis.T, r.T).solution.T
+
+    def mean_image(self) -> torch.Tensor:
+        """The reference mean [C, H, W]: the prior's guess before seeing any gradient."""
+        return self.mean.reshape(self.shape).clone()
+
+
+def _trainable(model: nn.Module, state: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The attacked parameters (trainable ones, in model order), detached, from ``state`` if given."""
+    out = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            out[n] = (state[n] if state is not None else p).detach().clone()
+    return out
+
+
+def simulate_update(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    local_steps: int = 1,
+    local_lr: float = 1.0,
+    max_grad_norm: float | None = None,
+    criterion: Criterion = soft_dice_ce,
+    create_graph: bool = True,
+) -> dict[str, torch.Tensor]:
+    """What a site would share for this batch: the gradient (1 step) or the SGD update (several).
+
+    With ``local_steps == 1`` it returns the mean gradient g (the update is ``-local_lr * g``);
+    with more it returns the update ``delta = theta_K - theta_0`` of ``local_steps`` plain SGD
+    steps on the same full batch, differentiable in ``images`` and ``targets`` (the steps are
+    unrolled, so the cost is about ``local_steps`` times a one-step attack).
+
+    Args:
+        model: the architecture (its own parameters are not used).
+        params: name -> tensor of the trainable parameters at the global model.
+        images: [B, C_in, H, W]; targets: [B, num_classes, H, W] class probabilities.
+        local_steps, local_lr: the site's local SGD (no momentum).
+        max_grad_norm: clip each sample's gradient to this L2 norm, then average (DP-SGD without
+            noise); None: plain mean gradient.
+        criterion: per-sample loss ``(logits, target_probs) -> [B]``.
+        create_graph: keep the graph for a backward through the result.
+    Returns: name -> tensor with the parameters' shapes.
+    """
+    names = list(params)
+    theta = dict(params)
+    for _ in range(local_steps):
+        grads = _batch_gradient(model, theta, names, images, targets, max_grad_norm, criterion, create_graph)
+        if local_steps == 1:
+            return dict(zip(names, grads, strict=True))
+        theta = {n: theta[n] - local_lr * g for n, g in zip(names, grads, strict=True)}
+    return {n: theta[n] - params[n] for n in names}
+
+
+def _batch_gradient(model, theta, names, images, targets, max_grad_norm, criterion, create_graph):
+    tensors = [theta[n] for n in names]
+    if not create_graph:
+        tensors = [t.detach().requires_grad_(True) for t in tensors]
+    elif not all(t.requires_grad for t in tensors):
+        tensors = [t if t.requires_grad else t.detach().requires_grad_(True) for t in tensors]
+    call = dict(zip(names, tensors, strict=True))
+    if max_grad_norm is None:
+        loss = criterion(functional_call(model, call, (images,)), targets).mean()
+        return torch.autograd.grad(loss, tensors, create_graph=create_graph)
+    # Per-sample gradients, each clipped to max_grad_norm, then averaged: DP-SGD without its noise.
+    total = None
+    b = images.shape[0]
+    for i in range(b):
+        loss = criterion(functional_call(model, call, (images[i : i + 1],)), targets[i : i + 1]).sum()
+        g = torch.autograd.grad(loss, tensors, create_graph=create_graph)
+        norm = torch.sqrt(sum(x.square().sum() for x in g))
+        c = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
+        g = [c * x / b for x in g]
+        total = g if total is None else [a + x for a, x in zip(total, g, strict=True)]
+    return total
+
+
+def recover_linear_input(weight_grad: torch.Tensor, bias_grad: torch.Tensor, min_ratio: float = 1e-3) -> torch.Tensor:
+    """Analytic recovery of a fully connected layer's input from its weight and bias gradients.
+
+    For one sample, y = W x + b gives dL/dW = (dL/dy) x^T and dL/db = dL/dy, so every row i with
+    dL/db_i != 0 holds x exactly: x = dL/dW_i / dL/db_i. Averaging the rows weighted by
+    |dL/db_i| (rows below ``min_ratio`` of the largest are dropped) reduces rounding error. With a
+    batch it returns a mix of the samples' inputs. A convolution's bias gives only weighted patch
+    averages, and fastdp's U-Nets have no bias in their first convolution, so this applies to
+    fully connected first layers only.
+
+    Args:
+        weight_grad: [out, in]; bias_grad: [out].
+    Returns: [in], the recovered input.
+    """
+    scale = bias_grad.abs()
+    keep = scale >= min_ratio * scale.max()
+    rows = weight_grad[keep] / bias_grad[keep, None]
+    w = scale[keep] / scale[keep].sum()
+    return (w[:, None] * rows).sum(0)
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of neighbouring pixels (anisotropic TV): [B, C, H, W] -> scalar."""
+    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+    return dx + dy
+
+
+def gradient_distance(
+    candidate: Sequence[torch.Tensor],
+    target: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    objective: Literal["cosine", "l2"],
+) -> torch.Tensor:
+    """Distance between two gradients given layer by layer.
+
+    ``cosine``: 1 - <g', g>_w / (||g'||_w ||g||_w) with <a, b>_w = sum_l w_l <a_l, b_l> (one
+    cosine over all layers, Geiping et al.); ``l2``: sum_l w_l ||g'_l - g_l||^2 (DLG).
+    Returns a scalar tensor (differentiable in ``candidate``).
+    """
+    if objective == "cosine":
+        dot = cand_sq = targ_sq = 0.0
+        for c, t, w in zip(candidate, target, weights, strict=True):
+            if w == 0:
+                continue
+            dot = dot + w * (c * t).sum()
+            cand_sq = cand_sq + w * c.square().sum()
+            targ_sq = targ_sq + w * t.square().sum()
+        return 1.0 - dot / (torch.sqrt(cand_sq) * math.sqrt(float(targ_sq)) + 1e-12)
+    if objective == "l2":
+        out = 0.0
+        for c, t, w in zip(candidate, target, weights, strict=True):
+            if w:
+                out = out + w * (c - t).square().sum()
+        return out
+    raise ValueError(f"objective must be 'cosine' or 'l2', got {objective!r}")
+
+
+def invert_gradients(
+    model: nn.Module,
+    shared: Mapping[str, torch.Tensor],
+    *,
+    image_shape: tuple[int, ...],
+    num_images: int = 1,
+    num_classes: int = 2,
+    masks: torch.Tensor | None = None,
+    global_state: Mapping[str, torch.Tensor] | None = None,
+    shared_kind: Literal["gradient", "update"] = "gradient",
+    local_steps: int = 1,
+    local_lr: float = 1.0,
+    max_grad_norm: float | None = None,
+    objective: Literal["cosine", "l2"] = "cosine",
+    optimizer: Literal["adam", "lbfgs"] = "adam",
+    iterations: int = 1000,
+    lr: float = 0.1,
+    tv_weight: float = 0.1,
+    layer_weights: Mapping[str, float] | None = None,
+    restarts: int = 1,
+    signed: bool = True,
+    lr_decay: bool = True,
+    init: Literal["random", "grey"] = "random",
+    criterion: Criterion = soft_dice_ce,
+    prior: PCAImagePrior | None = None,
+    prior_weight: float = 0.0,
+    seed: int = 0,
+    log_every: int = 100,
+    callback: Callable[[int, int, float], None] | None = None,
+) -> InversionResult:
+    """Reconstructs a site's training batch from its shared gradient or update.
+
+    Args:
+        model: the global model's architecture; its parameters are the global model unless
+            ``global_state`` is given.
+        shared: name -> tensor as the site shares it: a gradient (``shared_kind="gradient"``) or an
+            update ``local - global`` (``"update"``, e.g. ``SiteUpdate.delta``). Keys that are not
+            trainable parameters (buffers) are ignored.
+        image_shape: (C_in, H, W) of one image.
+        num_images: batch size B to reconstruct (the attacker knows it, e.g. from num_samples).
+        num_classes: segmentation classes.
+        masks: the known masks [B, H, W] int (attacker knows the labels); None: optimised
+            jointly as soft logits.
+        global_state: the global model's state dict (default: the model's current parameters).
+        shared_kind: see ``shared``. An update of one SGD step is turned into a gradient
+            (g = -delta / local_lr); with ``local_steps > 1`` the local steps are unrolled.
+        local_steps, local_lr: the site's local SGD steps and learning rate.
+        max_grad_norm: simulate DP-SGD's per-sample clipping to C in the candidate's gradient.
+        objective: "cosine" (Inverting Gradients) or "l2" (DLG).
+        optimizer: "adam" (on signed gradients when ``signed``) or "lbfgs".
+        iterations: optimisation steps per restart (L-BFGS: outer steps of up to 20 evaluations).
+        lr: initial step size (Adam: about 0.1 for signed steps in [0, 1] images).
+        tv_weight: weight of the total-variation prior on the image.
+        layer_weights: name -> weight of each layer's term (missing names weigh 1; 0 drops it).
+        restarts: independent random starts; the one with the lowest final objective is kept.
+        signed: Adam sees sign(gradient) (Geiping et al.); False: raw gradients.
+        lr_decay: multiply the learning rate by 0.1 at 3/8, 5/8 and 7/8 of the iterations.
+        init: "random" (uniform [0, 1]) or "grey" (0.5 plus small noise) starting images.
+        criterion: the site's per-sample loss ``(logits, target_probs [B, K, H, W]) -> [B]``.
+        prior: search images as ``prior.decode(z)`` (a :class:`PCAImagePrior`) instead of pixels;
+            the start is the prior's mean (restart 0) or a random draw from it (later restarts).
+        prior_weight: weight of ``mean(z**2)`` (a Gaussian prior on the coefficients).
+        seed: seeds the starting points.
+        log_every: history sampling interval (iterations).
+        callback: called as ``callback(restart, iteration, objective)`` every ``log_every``.
+    Returns: :class:`InversionResult` with images [B, C_in, H, W] in [0, 1] and mask probabilities.
+    """
+    if shared_kind not in ("gradient", "update"):
+        raise ValueError(f"shared_kind must be 'gradient' or 'update', got {shared_kind!r}")
+    if local_steps < 1:
+        raise ValueError(f"local_steps must be >= 1, got {local_steps}")
+    if shared_kind == "gradient" and local_steps != 1:
+        raise ValueError("a shared gradient is one step: use shared_kind='update' for local_steps > 1")
+    params = _trainable(model, global_state)
+    names = [n for n in params if n in shared]
+    missing = [n for n in params if n not in shared]
+    if missing:
+        raise KeyError(f"shared object lacks trainable parameters {missing[:5]}")
+    params = {n: params[n] for n in names}
+    # What is compared: a gradient (one step, cosine is scale-free; the L2 objective needs the true
+    # scale, hence -delta / lr) or the unrolled multi-step update.
+    if shared_kind == "update" and local_steps == 1:
+        target = [-shared[n].detach().float() / local_lr for n in names]
+        unroll = False
+    else:
+        target = [shared[n].detach().float() for n in names]
+        unroll = shared_kind == "update"
+    lw = layer_weights or {}
+    weights = [float(lw.get(n, 1.0)) for n in names]
+    dev = target[0].device
+    known = masks is not None
+    if known:
+        if masks.shape[0] != num_images:
+            raise ValueError(f"masks has {masks.shape[0]} entries for num_images={num_images}")
+        mask_probs = F.one_hot(masks.long().to(dev), num_classes).movedim(-1, 1).float()
+
+    start = time.perf_counter()
+    best: InversionResult | None = None
+    losses = []
+    for r in range(restarts):
+        gen = torch.Generator().manual_seed(1_000_003 * (seed + 1) + r)
+        shape = (num_images, *image_shape)
+        if prior is not None:
+            z = (0.0 if r == 0 else 0.5) * torch.randn(num_images, prior.components, generator=gen)
+            x = z.to(dev).requires_grad_(True)  # the optimised variable; images are decode(z)
+        elif init == "grey":
+            x = (0.5 + 0.05 * torch.randn(shape, generator=gen)).clamp(0, 1).to(dev).requires_grad_(True)
+        else:
+            x = torch.rand(shape, generator=gen).to(dev).requires_grad_(True)
+        variables = [x]
+        if not known:
+            logits = (0.1 * torch.randn((num_images, num_classes, *image_shape[1:]), generator=gen)).to(dev)
+            logits.requires_grad_(True)
+            variables.append(logits)
+
+        def to_images(v=x):
+            return prior.decode(v).clamp(0, 1) if prior is not None else v
+
+        def objective_fn(x=x, variables=variables):
+            probs = mask_probs if known else variables[1].softmax(1)
+            images = to_images(x)
+            cand = simulate_update(
+                model,
+                params,
+                images,
+                probs,
+                local_steps=local_steps if unroll else 1,
+                local_lr=local_lr,
+                max_grad_norm=max_grad_norm,
+                criterion=criterion,
+            )
+            out = gradient_distance([cand[n] for n in names], target, weights, objective)
+            if tv_weight:
+                out = out + tv_weight * total_variation(images)
+            if prior is not None and prior_weight:
+                out = out + prior_weight * x.square().mean()
+            return out
+
+        history = []
+        if optimizer == "adam":
+            opt = torch.optim.Adam(variables, lr=lr)
+            milestones = [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)] if lr_decay else []
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+            for it in range(iterations):
+                opt.zero_grad(set_to_none=True)
+                loss = objective_fn()
+                loss.backward()
+                if signed:
+                    for v in variables:
+                        v.grad.sign_()
+                opt.step()
+                sched.step()
+                if prior is None:
+                    with torch.no_grad():
+                        x.clamp_(0, 1)
+                if it % log_every == 0 or it == iterations - 1:
+                    history.append((it, float(loss.detach())))
+                    if callback is not None:
+                        callback(r, it, history[-1][1])
+        elif optimizer == "lbfgs":
+            opt = torch.optim.LBFGS(variables, lr=lr, max_iter=20, history_size=100, line_search_fn="strong_wolfe")
+
+            def closure(opt=opt, objective_fn=objective_fn):
+                opt.zero_grad(set_to_none=True)
+                loss = objective_fn()
+                loss.backward()
+                return loss
+
+            for it in range(iterations):
+                loss = opt.step(closure)
+                if prior is None:
+                    with torch.no_grad():
+                        x.clamp_(0, 1)
+                if it % log_every == 0 or it == iterations - 1:
+                    history.append((it, float(loss.detach())))
+                    if callback is not None:
+                        callback(r, it, history[-1][1])
+        else:
+            raise ValueError(f"optimizer must be 'adam' or 'lbfgs', got {optimizer!r}")
+        # The objective differentiates the candidate's loss, so it needs autograd even here.
+        final = float(objective_fn().detach())
+        if not math.isfinite(final):
+            final = math.inf
+        losses.append(final)
+        if best is None or final < best.loss:
+            probs = mask_probs if known else variables[1].detach().softmax(1)
+            best = InversionResult(to_images(x).detach().clone(), probs.detach().clone(), final, history=history)
+    best.losses = losses
+    best.seconds = time.perf_counter() - start
+    return best

@@ -1,0 +1,116 @@
+"""How close a reconstruction is to the truth, and how well trivial guesses do on the same slice.
+
+Whole-image SSIM flatters CT slices: the air around the body is a large constant region that a
+blank image matches, so an all-black guess already scores 0.3-0.5. The attack is therefore
+scored with SSIM inside the body (the SSIM map averaged over body pixels only), PSNR and MSE,
+each next to the same metric for trivial guesses that need no attack at all.
+
+SSIM and PSNR come from MONAI (Gaussian window 11, sigma 1.5, k1 0.01, k2 0.03, data range 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdp.models.metrics import dice_per_sample, mse_per_sample, psnr_per_sample, ssim_per_sample
+
+
+def body_mask(images: torch.Tensor, threshold: float = 0.02) -> torch.Tensor:
+    """Pixels inside the patient: intensity above ``threshold`` ([B, 1, H, W] in [0, 1] -> bool).
+
+    Windowed to [-150, 200] HU, air is exactly 0 and fat is about 0.14, so a small threshold
+    separates the body from the air around it.
+    """
+    return images > threshold
+
+
+@torch.no_grad()
+def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: int = 11) -> torch.Tensor:
+    """Local SSIM map (MONAI ``compute_ssim_and_cs``): x, y [B, 1, H, W] -> [B, 1, H-w+1, W-w+1].
+
+    Valid positions only (the window inside the image): the mean of the map is the whole-image
+    SSIM of :func:`fastdp.models.ssim_per_sample`.
+    """
+    from monai.metrics.regression import compute_ssim_and_cs
+
+    ssim, _ = compute_ssim_and_cs(
+        x.float(), y.float(), spatial_dims=2, kernel_size=[win_size] * 2, kernel_sigma=[1.5] * 2, data_range=data_range
+    )
+    return ssim
+
+
+@torch.no_grad()
+def body_ssim(
+    x: torch.Tensor, y: torch.Tensor, body: torch.Tensor | None = None, data_range: float = 1.0, win_size: int = 11
+) -> torch.Tensor:
+    """SSIM averaged over the windows centred inside the body: x, y [B, 1, H, W] -> [B].
+
+    Args:
+        x: reconstruction; y: truth.
+        body: bool [B, 1, H, W] (default :func:`body_mask` of the truth ``y``).
+    A sample without body pixels scores NaN.
+    """
+    body = body_mask(y) if body is None else body
+    smap = ssim_map(x, y, data_range, win_size)
+    r = win_size // 2
+    inner = body[..., r : body.shape[-2] - r, r : body.shape[-1] - r].float()
+    return (smap * inner).flatten(1).sum(1) / inner.flatten(1).sum(1)
+
+
+@torch.no_grad()
+def reconstruction_metrics(
+    recon: torch.Tensor, truth: torch.Tensor, *, mask_probs: torch.Tensor | None = None, masks=None
+) -> dict[str, list[float]]:
+    """Per-sample metrics of a reconstruction.
+
+    Args:
+        recon, truth: images [B, 1, H, W] in [0, 1], in the same order.
+        mask_probs: reconstructed mask probabilities [B, K, H, W] (when the mask was optimised).
+        masks: true masks [B, H, W] (needed for ``mask_dice``).
+    Returns: {"body_ssim", "ssim", "psnr" (dB), "mse", and "mask_dice" if both masks given} -> [B] lists.
+    """
+    out = {
+        "body_ssim": body_ssim(recon, truth).tolist(),
+        "ssim": ssim_per_sample(recon, truth).tolist(),
+        "psnr": psnr_per_sample(recon, truth).tolist(),
+        "mse": mse_per_sample(recon, truth).tolist(),
+    }
+    if mask_probs is not None and masks is not None:
+        out["mask_dice"] = dice_per_sample(mask_probs, masks, num_classes=mask_probs.shape[1]).tolist()
+    return out
+
+
+@torch.no_grad()
+def trivial_guesses(truth: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Guesses that need no attack, [B, 1, H, W] each.
+
+    * ``grey``: 0.5 everywhere (a blank mid-grey image);
+    * ``mean``: the slice's own mean intensity everywhere (an oracle constant);
+    * ``zeros``: all black;
+    * ``mask_mean``: the known organ mask filled with the slice's mean intensity inside it,
+      0 elsewhere (what a server that knows the labels can draw without the gradient).
+    The oracle means use the truth, so they are upper bounds on what a blind guess could do.
+    """
+    m = masks.reshape(truth.shape[0], 1, *truth.shape[-2:]).to(truth.dtype)
+    mean = truth.mean((1, 2, 3), keepdim=True)
+    organ_mean = (truth * m).sum((1, 2, 3), keepdim=True) / m.sum((1, 2, 3), keepdim=True).clamp(min=1)
+    return {
+        "grey": torch.full_like(truth, 0.5),
+        "mean": mean.expand_as(truth).clone(),
+        "zeros": torch.zeros_like(truth),
+        "mask_mean": m * organ_mean,
+    }
+
+
+@torch.no_grad()
+def trivial_guess_metrics(truth: torch.Tensor, masks: torch.Tensor) -> dict[str, dict[str, list[float]]]:
+    """:func:`reconstruction_metrics` of every :func:`trivial_guesses` entry: name -> metric -> [B]."""
+    return {name: reconstruction_metrics(g, truth) for name, g in trivial_guesses(truth, masks).items()}
+
+
+def best_trivial(trivial: dict[str, dict[str, list[float]]], metric: str = "body_ssim") -> tuple[str, float]:
+    """The trivial guess with the highest batch-mean ``metric`` (lowest for ``mse``): (name, value)."""
+    sign = -1.0 if metric == "mse" else 1.0
+    scores = {k: sum(v[metric]) / len(v[metric]) for k, v in trivial.items()}
+    name = max(scores, key=lambda k: sign * scores[k])
+    return name, scores[name]
