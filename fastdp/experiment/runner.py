@@ -138,17 +138,24 @@ def _site_dp(cfg: ExperimentConfig, run: RunSpec, site: str, federated):
 
 def _strategy(cfg: ExperimentConfig, run: RunSpec, federated):
     fed = cfg.federated
-    if fed.strategy == "fedprox":
-        return federated.FedProx(mu=fed.fedprox_mu)
+    n_sites = 1 if run.mode == "centralised" else len(cfg.data.sites)
+    # sites_per_round k of N sites: FedAvg asks round(k/N * N) = k sites; DP-FedAvg samples each
+    # site with probability k/N (Poisson, as its accountant assumes), k on average.
+    fraction = 1.0 if fed.sites_per_round is None or run.mode == "centralised" else fed.sites_per_round / n_sites
     # User-level DP at the server belongs to the DP run; the non-private baseline averages plainly.
     if fed.strategy == "dp-fedavg" and run.mode == "dp":
         return federated.DPFedAvg(
             clip_norm=fed.server_clip_norm,
             noise_multiplier=fed.server_noise_multiplier,
-            sites_per_round=fed.sites_per_round or len(cfg.data.sites),
+            sample_rate=fraction,
+            num_sites=n_sites,
             delta=cfg.dp.delta,
+            accountant=cfg.dp.accountant,
+            seed=cfg.seed,
         )
-    return federated.FedAvg()
+    if fed.strategy == "fedprox":
+        return federated.FedProx(mu=fed.fedprox_mu, fraction_fit=fraction)
+    return federated.FedAvg(fraction_fit=fraction)
 
 
 def _sites(cfg: ExperimentConfig, run: RunSpec, data: ExperimentData, make_model, device: str, federated) -> list:
@@ -181,46 +188,37 @@ def _sites(cfg: ExperimentConfig, run: RunSpec, data: ExperimentData, make_model
     ]
 
 
-def _global_state(simulation, history) -> dict[str, torch.Tensor] | None:
-    for owner in (simulation, history):
-        state = getattr(owner, "global_state", None)
-        if state is not None:
-            return state
-    return None
-
-
 def run_mode(
     cfg: ExperimentConfig, run: RunSpec, data: ExperimentData, run_dir: Path, *, progress: bool = True
-) -> Path | None:
+) -> Path:
     """Trains one run with fastdp.federated.Simulation into ``run_dir/run.label``.
 
-    Writes history.json/.csv (Simulation), checkpoints/ (resumed if present) and, when the
-    simulation exposes it, global_model.pt. Returns the global_model.pt path or None.
+    Writes history.json/.csv (Simulation), checkpoints/ (resumed if present) and the final
+    global model's state_dict as global_model.pt. Returns the global_model.pt path.
     """
     federated = _federated()
     make_model = model_factory(cfg)
     device = _device(cfg)
     out = run_dir / run.label
-    sim_kwargs = dict(
+    torch.manual_seed(cfg.seed)
+    simulation = federated.Simulation(
+        _sites(cfg, run, data, make_model, device, federated),
+        _strategy(cfg, run, federated),
+        make_model,
         test_data=data.test,
         rounds=cfg.federated.rounds,
         seed=cfg.seed,
         checkpoint_dir=out / "checkpoints",
         out_dir=out,
         progress=progress,
+        config={"experiment": cfg.name, "run": run.label, "target_epsilon": run.target_epsilon, **cfg.to_dict()},
+        device=device,
     )
-    if cfg.federated.sites_per_round is not None and run.mode != "centralised":
-        sim_kwargs["sites_per_round"] = cfg.federated.sites_per_round
-    torch.manual_seed(cfg.seed)
-    simulation = federated.Simulation(
-        _sites(cfg, run, data, make_model, device, federated), _strategy(cfg, run, federated), make_model, **sim_kwargs
-    )
-    history = simulation.run(resume=True)
-    state = _global_state(simulation, history)
-    if state is None:
-        return None
+    simulation.run(resume=True)
     path = out / "global_model.pt"
-    torch.save({k: v.detach().cpu() for k, v in state.items()}, path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({k: v.detach().cpu() for k, v in simulation.global_state.items()}, tmp)
+    tmp.replace(path)  # atomic, like the checkpoints: `fastdp attack` never loads half a file
     return path
 
 
