@@ -198,6 +198,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
             attack,
             title=args.title,
             attack_dir=Path(args.attack_json).parent if args.attack_json else None,
+            plots=not args.no_plots,
         )
     except FileNotFoundError as exc:
         raise CLIError(str(exc)) from None
@@ -323,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="run folder with one sub-folder (holding history.json) per run")
     p.add_argument("--attack-json", help="attack results JSON (default: RUN_DIR/attack/attack.json)")
     p.add_argument("--title", help="report title (default: the folder name)")
+    p.add_argument("--no-plots", action="store_true", help="tables only, no PNG plots (fast)")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser(
@@ -330,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the resolved experiment config as TOML",
         description="Loads and validates CONFIG (default: the built-in demo), applies --set overrides and prints the "
         "result as TOML: a starting point for your own config.",
-        epilog="examples:\n  fastdp config --show > my.toml\n  fastdp config --show configs/demo.toml --set dp.target_epsilon=2",
+        epilog="examples:\n  fastdp config --show > my.toml\n"
+        "  fastdp config --show configs/demo.toml --set dp.target_epsilon=2",
         formatter_class=_Formatter,
     )
     _add_config_args(p)

@@ -101,6 +101,9 @@ class DataConfig:
         _non_negative_int(f"{p}.val_slices_per_site", self.val_slices_per_site)
         _non_negative_int(f"{p}.test_slices", self.test_slices)
         if self.source == "phantom":
+            _check(
+                f"{p}.image_size", 64 <= self.image_size <= 512, "phantom slices are 64 to 512 pixels", self.image_size
+            )
             _positive_int(f"{p}.slices_per_site", self.slices_per_site)
             for i, s in enumerate(self.sites):
                 _check(

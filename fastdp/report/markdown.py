@@ -165,7 +165,12 @@ def _attack_section(attack: dict, bases: list[Path], run_dir: Path, plots_dir: P
 
 
 def write_report(
-    run_dir: str | Path, attack: dict | None = None, *, title: str | None = None, attack_dir: str | Path | None = None
+    run_dir: str | Path,
+    attack: dict | None = None,
+    *,
+    title: str | None = None,
+    attack_dir: str | Path | None = None,
+    plots: bool = True,
 ) -> Path:
     """Writes RUN_DIR/report.md and RUN_DIR/plots/*.png from every run's history.json.
 
@@ -175,6 +180,7 @@ def write_report(
             RUN_DIR/attack/attack.json if there is one; no attack leaves the section out.
         title: report heading (default: the run folder's name).
         attack_dir: where relative image paths in ``attack`` are looked up first.
+        plots: draw the PNG plots (False: tables only, much faster).
     Returns:
         the path of report.md.
     Raises:
@@ -197,12 +203,14 @@ def write_report(
         "Time: wall-clock seconds per round, and relative to the non-private run.",
         "",
     ]
-    figures = [
-        ("Dice per round", plot_dice(runs, plots_dir / "dice.png")),
-        ("Privacy spent per round", plot_epsilon(runs, plots_dir / "epsilon.png")),
-        ("Time per round by phase", plot_round_times(runs, plots_dir / "round_time.png")),
-        ("Privacy-utility", plot_privacy_utility(summaries, plots_dir / "privacy_utility.png")),
-    ]
+    figures = []
+    if plots:
+        figures = [
+            ("Dice per round", plot_dice(runs, plots_dir / "dice.png")),
+            ("Privacy spent per round", plot_epsilon(runs, plots_dir / "epsilon.png")),
+            ("Time per round by phase", plot_round_times(runs, plots_dir / "round_time.png")),
+            ("Privacy-utility", plot_privacy_utility(summaries, plots_dir / "privacy_utility.png")),
+        ]
     for heading, path in figures:
         if path is not None:
             lines += [f"## {heading}", "", f"![{heading}]({path.relative_to(run_dir).as_posix()})", ""]

@@ -1,0 +1,54 @@
+"""Runner pieces that need no training: the planned runs, sigma calibration, the data split."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastdp.experiment import ConfigError, ExperimentConfig
+from fastdp.experiment.data import build_data
+from fastdp.experiment.runner import model_factory, planned_noise_multiplier, planned_runs
+
+
+def test_planned_runs_expand_an_epsilon_sweep():
+    cfg = ExperimentConfig().replace(modes=["centralised", "nonprivate", "dp"], **{"dp.epsilon_sweep": [1, 8.5]})
+    runs = planned_runs(cfg)
+    assert [r.label for r in runs] == ["centralised", "nonprivate", "dp_eps1", "dp_eps8.5"]
+    assert [r.target_epsilon for r in runs] == [None, None, 1.0, 8.5]
+
+
+def test_planned_noise_multiplier(monkeypatch):
+    import fastdp.accounting
+
+    calls = []
+    monkeypatch.setattr(fastdp.accounting, "get_noise_multiplier", lambda *a: calls.append(a) or 0.5)
+    cfg = ExperimentConfig().replace(**{"federated.rounds": 2, "federated.local_steps": 5, "dp.accountant": "pld"})
+    # Calibrated over every planned step (rounds * local_steps) at sample rate batch_size / n.
+    assert planned_noise_multiplier(cfg, 320) == 0.5
+    assert calls == [(8.0, 1e-5, 32 / 320, 10, "pld")]
+    assert planned_noise_multiplier(cfg, 320, target_epsilon=2.0) == 0.5 and calls[-1][0] == 2.0
+    assert planned_noise_multiplier(cfg.replace(**{"dp.noise_multiplier": 1.7}), 320) == 1.7
+    assert len(calls) == 2
+
+
+def test_phantom_data_split():
+    cfg = ExperimentConfig().replace(
+        **{"data.slices_per_site": 5, "data.val_slices_per_site": 2, "data.test_slices": 7, "data.image_size": 64}
+    )
+    data = build_data(cfg.data, seed=0)
+    assert list(data.train) == ["site_a", "site_b", "site_c"]
+    assert [len(d) for d in data.train.values()] == [5, 5, 5]
+    assert [len(d) for d in data.val.values()] == [2, 2, 2]
+    assert len(data.test) == 7
+    image, mask = data.test[6]
+    assert image.shape == (1, 64, 64) and mask.shape == (64, 64)
+    # Validation slices are other patients than training slices.
+    assert not (data.train["site_a"][0][0] == data.val["site_a"][0][0]).all()
+    train, val = data.pooled()
+    assert len(train) == 15 and len(val) == 6
+    unseen = build_data(cfg.replace(**{"data.test_site": "site_7"}).data, seed=0)
+    assert unseen.test.site == "site_7" and len(unseen.test) == 7
+
+
+def test_bad_model_kwargs_name_the_key():
+    with pytest.raises(ConfigError, match="model.kwargs"):
+        model_factory(ExperimentConfig().replace(**{"model.kwargs": {"no_such_arg": 1}}))
