@@ -175,7 +175,10 @@ def _cmd_attack(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(cfg.threads)
     result = run_attack(cfg, build_data(cfg.data, cfg.seed), run_dir, model)
-    print(json.dumps({k: v for k, v in result.items() if k != "traceback"}, indent=2, default=str))
+    from fastdp.report import attack_metric_rows, markdown_table
+
+    print(markdown_table(attack_metric_rows(result)), end="")
+    print(f"results: {run_dir / 'attack' / 'attack.json'}")
     if any(run_dir.glob("*/history.json")):
         from fastdp.report import write_report
 

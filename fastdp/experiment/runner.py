@@ -224,15 +224,17 @@ def run_mode(
 
 def _attack_entry():
     try:
-        from fastdp.attacks import run_attack_experiment
+        from fastdp.attacks.experiment import run_attack_experiment
     except ImportError as exc:
         raise ImportError(
-            f"the attack step needs fastdp.attacks.run_attack_experiment, which could not be imported: {exc}"
+            f"the attack step needs fastdp.attacks.experiment.run_attack_experiment, which could not be imported: {exc}"
         ) from exc
     return run_attack_experiment
 
 
-def run_attack(cfg: ExperimentConfig, data: ExperimentData, run_dir: Path, model_path: Path | None = None) -> dict:
+def run_attack(
+    cfg: ExperimentConfig, data: ExperimentData, run_dir: Path, model_path: Path | None = None, *, progress: bool = True
+) -> dict:
     """Gradient inversion on one site's update, non-private and DP, of the same slices.
 
     The attacked model is the final global model at ``model_path`` (a state_dict; None: a fresh
@@ -273,9 +275,11 @@ def run_attack(cfg: ExperimentConfig, data: ExperimentData, run_dir: Path, model
             known_mask=cfg.attack.known_mask,
             seed=cfg.seed,
             out_dir=out,
+            threads=cfg.threads,
+            progress=progress,
         )
     )
-    result.setdefault("time_s", time.perf_counter() - start)
+    result.setdefault("seconds", time.perf_counter() - start)
     result.setdefault("site", site)
     _write_json(out / "attack.json", result)
     return result
@@ -322,7 +326,7 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, report: b
         # a trained network), else the first run's.
         model_path = models.get("nonprivate") or next((p for p in models.values() if p is not None), None)
         try:
-            run_attack(cfg, data, run_dir, model_path)
+            run_attack(cfg, data, run_dir, model_path, progress=progress)
         except Exception as exc:  # the report shows the failure; training results stay
             (run_dir / "attack").mkdir(exist_ok=True)
             _write_json(

@@ -6,12 +6,13 @@
 Needs matplotlib for the plots (``pip install matplotlib``).
 """
 
-from fastdp.report.markdown import load_attack_results, markdown_table, write_report
+from fastdp.report.markdown import attack_metric_rows, load_attack_results, markdown_table, write_report
 from fastdp.report.summary import ModeSummary, RunHistory, find_runs, load_history, summarize, summarize_all
 
 __all__ = [
     "ModeSummary",
     "RunHistory",
+    "attack_metric_rows",
     "find_runs",
     "load_attack_results",
     "load_history",

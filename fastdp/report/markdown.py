@@ -9,6 +9,10 @@ Attack results come in as a plain dict so the report adapts to what the attack c
      "time_s": 75.2, "error": "...",      (optional)
      ...any other list of row dicts is rendered as a table, any other scalar as a line}
 
+The result dict of ``fastdp.attacks.experiment.run_attack_experiment`` is read as well: its
+``runs`` (one per batch size and sigma, with ``mean`` metrics) become the metrics table, its
+``pngs`` the grids and ``seconds`` the time.
+
 Without an explicit dict, ``RUN_DIR/attack/attack.json`` (or ``RUN_DIR/attack.json``) is read.
 """
 
@@ -23,7 +27,7 @@ from pathlib import Path
 from fastdp.report.plots import plot_dice, plot_epsilon, plot_privacy_utility, plot_round_times
 from fastdp.report.summary import ModeSummary, RunHistory, find_runs, summarize_all
 
-__all__ = ["load_attack_results", "markdown_table", "write_report"]
+__all__ = ["attack_metric_rows", "load_attack_results", "markdown_table", "write_report"]
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -132,16 +136,42 @@ def _resolve_image(ref: str, bases: list[Path], run_dir: Path, plots_dir: Path) 
     return found
 
 
+def attack_metric_rows(attack: dict) -> list[dict]:
+    """The attack's metrics as flat table rows: ``metrics`` as given, or one row per entry of ``runs``.
+
+    A ``runs`` entry (fastdp.attacks' experiment) gives batch size, sigma ("—" = non-private),
+    the single update's epsilon, its mean metrics, the best trivial guess and the margin over it.
+    """
+    metrics = attack.get("metrics")
+    if isinstance(metrics, dict):
+        return [{"run": k, **v} if isinstance(v, dict) else {"run": k, "value": v} for k, v in metrics.items()]
+    if isinstance(metrics, list):
+        return [m for m in metrics if isinstance(m, dict)]
+    rows = []
+    for run in attack.get("runs") or []:
+        if not isinstance(run, dict):
+            continue
+        row = {k: v for k, v in run.items() if not isinstance(v, (dict, list))}
+        row.update((run.get("mean") or {}) if isinstance(run.get("mean"), dict) else {})
+        best = run.get("best_trivial")
+        if isinstance(best, dict):
+            row["best trivial guess"] = best.get("name")
+            row["its body_ssim"] = best.get("body_ssim")
+        # The margin over the trivial guess is the number to read: keep it last.
+        if "margin_body_ssim" in row:
+            row["margin_body_ssim"] = row.pop("margin_body_ssim")
+        rows.append(row)
+    return rows
+
+
 def _attack_section(attack: dict, bases: list[Path], run_dir: Path, plots_dir: Path, report_dir: Path) -> list[str]:
     out = ["## Gradient-inversion attack", ""]
     if attack.get("error"):
         out += [f"**The attack did not complete:** {_fmt(attack['error'])}", ""]
-    metrics = attack.get("metrics")
-    if isinstance(metrics, dict):
-        metrics = [{"run": k, **v} if isinstance(v, dict) else {"run": k, "value": v} for k, v in metrics.items()]
-    if isinstance(metrics, list) and metrics and all(isinstance(m, dict) for m in metrics):
-        out += [markdown_table(metrics)]
-    refs = attack.get("grids") or ([attack["grid"]] if attack.get("grid") else [])
+    rows = attack_metric_rows(attack)
+    if rows:
+        out += [markdown_table(rows)]
+    refs = attack.get("grids") or attack.get("pngs") or ([attack["grid"]] if attack.get("grid") else [])
     for ref in refs if isinstance(refs, list) else [refs]:
         img = _resolve_image(str(ref), bases, run_dir, plots_dir)
         if img is None:
@@ -149,7 +179,7 @@ def _attack_section(attack: dict, bases: list[Path], run_dir: Path, plots_dir: P
         else:
             rel = Path(os.path.relpath(img, report_dir)).as_posix()
             out += [f"![attack reconstructions]({rel})", ""]
-    skip = {"metrics", "grid", "grids", "error", "traceback"}
+    skip = {"metrics", "runs", "grid", "grids", "pngs", "error", "traceback"}
     for key, value in attack.items():
         if key in skip:
             continue

@@ -137,3 +137,29 @@ def test_markdown_table_formats():
     text = markdown_table([{"a": 1.0, "b": None}, {"a": math.inf, "c": "x|y", "b": True}])
     assert text.splitlines()[0] == "| a | b | c |"
     assert "| 1.000 | — | — |" in text and "| ∞ | yes | x\\|y |" in text
+
+
+def test_attack_results_of_fastdp_attacks_experiment(run_dir):
+    """The dict fastdp.attacks.experiment.run_attack_experiment returns is read as it is."""
+    (run_dir / "attack").mkdir()
+    (run_dir / "attack" / "attack_B1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(16))
+    run = {
+        "batch_size": 1,
+        "sigma": None,
+        "epsilon": None,
+        "metrics": {"body_ssim": [0.5]},
+        "mean": {"body_ssim": 0.5, "psnr": 18.0},
+        "best_trivial": {"name": "grey", "body_ssim": 0.12},
+        "margin_body_ssim": 0.38,
+        "attack_seconds": 20.0,
+    }
+    dp_run = {**run, "sigma": 0.76, "epsilon": 9.1, "mean": {"body_ssim": 0.01, "psnr": 6.0}, "margin_body_ssim": -0.11}
+    result = {"config": {"steps": 3}, "runs": [run, dp_run], "trivial": {"1": {}}, "pngs": ["attack/attack_B1.png"]}
+    result["seconds"] = 41.0
+    text = write_report(run_dir, result, plots=False).read_text()
+    header = "| batch_size | sigma | epsilon | attack_seconds | body_ssim | psnr | best trivial guess | its body_ssim |"
+    assert header + " margin_body_ssim |" in text
+    assert "| 1 | — | — | 20.000 | 0.500 | 18.000 | grey | 0.120 | 0.380 |" in text
+    assert "| 1 | 0.760 | 9.100 | 20.000 | 0.010 | 6.000 | grey | 0.120 | -0.110 |" in text
+    assert "![attack reconstructions](attack/attack_B1.png)" in text
+    assert "- seconds: 41.000" in text
