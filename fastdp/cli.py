@@ -151,7 +151,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.out_dir:
         cfg = cfg.replace(out_dir=args.out_dir)
     _logging(args.verbose)
-    run_dir = run_experiment(cfg, progress=not args.no_progress, report=not args.no_report)
+    run_dir = run_experiment(cfg, progress=not args.no_progress, report=not args.no_report, fresh=args.fresh)
     print(f"run folder: {run_dir}")
     if not args.no_report:
         print(f"report: {run_dir / 'report.md'}")
@@ -274,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", help="run folder (overrides the config's out_dir)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-report", action="store_true", help="do not write report.md")
+    p.add_argument("--fresh", action="store_true", help="discard the run folder's checkpoints and train from scratch")
     p.add_argument("--verbose", "-v", action="store_true")
     p.set_defaults(func=_cmd_run)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 import traceback
 from collections.abc import Callable
@@ -298,20 +299,41 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def run_experiment(config: ExperimentConfig, *, progress: bool = True, report: bool = True) -> Path:
+def _prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, fresh: bool) -> None:
+    """Resuming is only safe with the config that wrote the checkpoints: refuse a different one."""
+    checkpoints = [run_dir / r.label / "checkpoints" for r in planned_runs(cfg)]
+    if fresh:
+        for c in checkpoints:
+            shutil.rmtree(c, ignore_errors=True)
+        return
+    old = run_dir / "config.toml"
+    if old.exists() and any(c.exists() for c in checkpoints) and old.read_text() != cfg.to_toml():
+        from fastdp.experiment.config import ConfigError
+
+        raise ConfigError(
+            f"{run_dir} holds checkpoints of a run with a different config ({old}); rerun with --fresh to "
+            "start over, or choose another --out-dir"
+        )
+
+
+def run_experiment(
+    config: ExperimentConfig, *, progress: bool = True, report: bool = True, fresh: bool = False
+) -> Path:
     """Trains every configured run, attacks, writes the report; returns the run folder.
 
     Steps: write config.toml -> build the sites' data -> for each run (planned_runs) train it
     with fastdp.federated.Simulation -> if attack.enabled, attack the final non-private model's
     updates without and with DP noise -> report.md. A rerun with the same out_dir resumes the
-    runs from their checkpoints. An attack that fails is recorded in attack/attack.json and in
-    the report; training results are kept.
+    runs from their checkpoints (refused if the config changed; fresh=True starts over). An
+    attack that fails is recorded in attack/attack.json and in the report; training results
+    are kept.
     """
     cfg = config.validate()
     torch.set_num_threads(cfg.threads)
     _federated()  # before any work: a missing federated package fails in a second, not after data generation
     run_dir = Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    _prepare_run_dir(cfg, run_dir, fresh)
     (run_dir / "config.toml").write_text(cfg.to_toml())
     start = time.perf_counter()
     data = build_data(cfg.data, cfg.seed)

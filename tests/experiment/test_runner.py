@@ -52,3 +52,18 @@ def test_phantom_data_split():
 def test_bad_model_kwargs_name_the_key():
     with pytest.raises(ConfigError, match="model.kwargs"):
         model_factory(ExperimentConfig().replace(**{"model.kwargs": {"no_such_arg": 1}}))
+
+
+def test_resume_is_refused_when_the_config_changed(tmp_path):
+    from fastdp.experiment.config import ConfigError
+    from fastdp.experiment.runner import _prepare_run_dir
+
+    cfg = ExperimentConfig()
+    (tmp_path / "config.toml").write_text(cfg.to_toml())
+    (tmp_path / "nonprivate" / "checkpoints").mkdir(parents=True)
+    _prepare_run_dir(cfg, tmp_path, fresh=False)  # same config: resuming is fine
+    changed = cfg.replace(**{"federated.lr": 0.01})
+    with pytest.raises(ConfigError, match="--fresh"):
+        _prepare_run_dir(changed, tmp_path, fresh=False)
+    _prepare_run_dir(changed, tmp_path, fresh=True)
+    assert not (tmp_path / "nonprivate" / "checkpoints").exists()
