@@ -1,11 +1,14 @@
 """Attacks on what a site shares: gradient inversion and an empirical privacy audit."""
 
+from fastdp.attacks.audit import AuditResult, audit_dp_sgd, clopper_pearson, epsilon_lower_bound
+from fastdp.attacks.experiment import run_attack_experiment, site_update
 from fastdp.attacks.inversion import (
     InversionResult,
     PCAImagePrior,
     gradient_distance,
     invert_gradients,
     layer_weights_geometric,
+    rank_references,
     recover_linear_input,
     simulate_update,
     soft_dice_ce,
@@ -13,11 +16,18 @@ from fastdp.attacks.inversion import (
 )
 
 __all__ = [
+    "AuditResult",
+    "audit_dp_sgd",
+    "clopper_pearson",
+    "epsilon_lower_bound",
+    "run_attack_experiment",
+    "site_update",
     "PCAImagePrior",
     "InversionResult",
     "gradient_distance",
     "invert_gradients",
     "layer_weights_geometric",
+    "rank_references",
     "recover_linear_input",
     "simulate_update",
     "soft_dice_ce",

@@ -9,10 +9,17 @@ trivial guesses, a PNG grid and timings.
 from __future__ import annotations
 
 import copy
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from fastdp.attacks.inversion import invert_gradients
 
 
 def pretrain(
@@ -87,3 +94,279 @@ def site_update(
             opt.step()
     state = local.state_dict()
     return {k: (state[k] - v).detach() for k, v in global_state.items() if v.is_floating_point()}
+
+
+def federated_site_update(
+    model: nn.Module,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    *,
+    noise_multiplier: float | None = None,
+    max_grad_norm: float = 1.0,
+    local_steps: int = 1,
+    lr: float = 0.1,
+    seed: int = 0,
+) -> dict[str, torch.Tensor] | None:
+    """:func:`site_update` through ``fastdp.federated.Site.local_update`` (``SiteUpdate.delta``).
+
+    The site holds exactly this batch, takes ``local_steps`` plain-SGD steps with expected
+    batch size B (Poisson rate 1: the whole batch each step) and DP-SGD when ``noise_multiplier``
+    is set. Returns None when ``fastdp.federated`` is not installed (then use :func:`site_update`,
+    which computes the same update with the engine directly).
+    """
+    try:
+        from fastdp.federated import DPConfig, Site
+    except ImportError:
+        return None
+    dp = None if noise_multiplier is None else DPConfig(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm)
+    site = Site(
+        "attacked",
+        TensorDataset(images, masks),
+        None,
+        lambda: copy.deepcopy(model),
+        batch_size=images.shape[0],
+        local_steps=local_steps,
+        lr=lr,
+        optimizer="sgd",
+        dp=dp,
+        seed=seed,
+        planned_rounds=1,
+    )
+    global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return dict(site.local_update(global_state, 1).delta)
+
+
+DEFAULT_ATTACK = {
+    "objective": "cosine",
+    "optimizer": "adam",
+    "lr": 0.1,
+    "tv_weight": 0.1,
+    "restarts": 1,
+    "init": "random",
+}
+
+
+def _slices_with_organ(dataset, count: int, min_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images, masks = dataset.tensors()
+    keep = [i for i in range(len(images)) if int(masks[i].sum()) >= min_pixels][:count]
+    if len(keep) < count:
+        raise ValueError(f"only {len(keep)} of {len(images)} slices have >= {min_pixels} organ pixels")
+    return images[keep], masks[keep]
+
+
+def _mean(v: Sequence[float]) -> float:
+    v = [x for x in v if not math.isnan(x)]
+    return sum(v) / len(v) if v else math.nan
+
+
+def save_attack_grid(path: str | Path, truth: torch.Tensor, recons: dict[str, torch.Tensor], scores: dict) -> Path:
+    """PNG grid: one row per image, columns truth then each reconstruction (titled with body SSIM).
+
+    Args:
+        truth: [B, 1, H, W] in [0, 1]; recons: column title -> [B, 1, H, W]; scores: title -> [B] body SSIM.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg as canvas_cls
+        from matplotlib.figure import Figure as figure_cls
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("the attack PNG needs matplotlib: pip install matplotlib") from exc
+    cols = {"truth": truth, **recons}
+    b = truth.shape[0]
+    fig = figure_cls(figsize=(2.0 * len(cols), 2.1 * b))
+    canvas_cls(fig)
+    for i in range(b):
+        for j, (name, imgs) in enumerate(cols.items()):
+            ax = fig.add_subplot(b, len(cols), i * len(cols) + j + 1)
+            ax.imshow(imgs[i, 0].detach().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if name in scores:
+                ax.set_title(f"{name}\nbody SSIM {scores[name][i]:.2f}", fontsize=7)
+            elif i == 0:
+                ax.set_title(name, fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def run_attack_experiment(
+    model: nn.Module | str | None = None,
+    images: torch.Tensor | None = None,
+    masks: torch.Tensor | None = None,
+    *,
+    out_dir: str | Path | None = "attack_out",
+    batch_sizes: Sequence[int] = (1, 4),
+    sigmas: Sequence[float] = (0.1, 1.0),
+    max_grad_norm: float = 1.0,
+    steps: int = 60,
+    lr: float = 0.1,
+    tv_weight: float = 0.1,
+    restarts: int = 1,
+    known_mask: bool = True,
+    local_steps: int = 1,
+    local_lr: float = 0.1,
+    size: int = 64,
+    pretrain_steps: int = 50,
+    attack: Mapping | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Attacks the non-private and the DP update of the same CT slices; scores, plots, times.
+
+    For each batch size B the first B of ``images`` are one site's data. The update that site
+    sends (``fastdp.federated.Site.local_update(...).delta`` when that package is present, else
+    the same computation through ``fastdp.PrivacyEngine``; plain SGD, ``local_steps`` steps on
+    the whole batch) is computed without DP and with DP-SGD at every ``sigmas`` value (clipping
+    C = ``max_grad_norm``). The same attack (:func:`fastdp.attacks.invert_gradients`, same
+    settings; on DP updates it also simulates the clipping, since the server knows C) runs on
+    each. Metrics per image: body SSIM, SSIM, PSNR (dB), MSE (and mask Dice when the mask is
+    optimised), next to the trivial guesses of :func:`fastdp.attacks.metrics.trivial_guesses`.
+
+    Args:
+        model: the global model (an ``nn.Module``, not modified), or a ``build_model`` name / None
+            (``"unet_small"``): then built with ``seed`` and trained ``pretrain_steps`` Adam steps
+            (batch 8) on 64 ``site_b`` phantom slices: a lightly trained global model.
+        images: [N, 1, H, W] in [0, 1] with N >= max(batch_sizes); masks: [N, H, W] int. None:
+            ``site_a`` phantom slices of side ``size`` with at least 64 liver pixels.
+        out_dir: where ``attack_B{B}.png`` and ``attack_results.json`` go (None: nothing written).
+        batch_sizes: images per attacked update.
+        sigmas: DP noise multipliers (noise std sigma * C on the sum of clipped gradients). The
+            non-private update is always attacked; 0 or None entries mean it and are not repeated.
+        max_grad_norm: DP clipping bound C.
+        steps: attack optimisation steps per update. The default keeps the whole run near a minute
+            on a 2-core CPU and is too short to reconstruct anything; see docs/attacks.md for what
+            longer runs (1000-6000 steps, 1.5-9 min per attack) reach.
+        lr, tv_weight, restarts: the attack's step size, total-variation weight and random restarts.
+        known_mask: the attacker knows the masks; False optimises them jointly (soft logits).
+        local_steps, local_lr: the site's local SGD; more than one step is attacked by unrolling.
+        size, pretrain_steps: the phantom side and the pretraining when model/images are not given.
+        attack: further ``invert_gradients`` arguments (e.g. ``{"objective": "l2", "optimizer": "lbfgs"}``).
+        seed: seeds the model, the DP noise and the attack's starting points.
+        threads: torch threads during the run (None: leave as is).
+        progress: print one line per attack.
+    Returns: {"config": {...}, "runs": [{"batch_size", "sigma" (None: non-private), "epsilon" (of this
+        one update at delta 1e-5; None: non-private), "metrics": {name: [B]}, "mean": {name: float},
+        "best_trivial": {"name", "body_ssim"}, "margin_body_ssim" (mean body SSIM minus the best
+        trivial guess's), "attack_seconds", "objective"}, ...], "trivial": {"B": {guess: {metric: [B]}}},
+        "pngs": [paths], "shared_by", "seconds"}.
+    """
+    import fastdp
+    from fastdp.attacks.metrics import best_trivial, reconstruction_metrics, trivial_guess_metrics, trivial_guesses
+    from fastdp.data import PhantomDataset
+    from fastdp.models import build_model
+
+    start = time.perf_counter()
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(seed)
+        model_name = model if isinstance(model, str) else ("unet_small" if model is None else type(model).__name__)
+        if model is None or isinstance(model, str):
+            net = build_model(model_name)
+            if images is not None:
+                size = images.shape[-1]
+            pre_x, pre_m = PhantomDataset("site_b", 64, size, seed + 1).tensors()
+            pretrain(net, pre_x, pre_m, pretrain_steps)
+            if progress:
+                print(f"[attack] {model_name}: pretrained {pretrain_steps} steps ({time.perf_counter() - start:.1f} s)")
+        else:
+            net = model
+        if images is None:
+            images, masks = _slices_with_organ(PhantomDataset("site_a", 64, size, seed), max(batch_sizes), 64)
+        elif masks is None or len(images) < max(batch_sizes):
+            raise ValueError("give masks with the images, and at least max(batch_sizes) of each")
+        dp_sigmas = [float(s) for s in sigmas if s]
+        dp_sigmas = list(dict.fromkeys(dp_sigmas))
+        cfg = {**DEFAULT_ATTACK, "lr": lr, "tv_weight": tv_weight, "restarts": restarts, **(attack or {})}
+        runs, pngs, trivial_all = [], [], {}
+        shared_by = "fastdp.PrivacyEngine"
+        for b in batch_sizes:
+            x, m = images[:b].float(), masks[:b].long()
+            if m.dim() == 4:
+                m = m[:, 0]
+            trivial = trivial_guess_metrics(x, m)
+            trivial_all[str(b)] = trivial
+            best_name, best_val = best_trivial(trivial)
+            recons, scores = {}, {}
+            for sigma in [None, *dp_sigmas]:
+                kw = dict(noise_multiplier=sigma, max_grad_norm=max_grad_norm, local_steps=local_steps, lr=local_lr)
+                delta = federated_site_update(net, x, m, seed=seed, **kw)
+                if delta is None:
+                    delta = site_update(net, x, m, seed=seed, **kw)
+                else:
+                    shared_by = "fastdp.federated.Site"
+                res = invert_gradients(
+                    net,
+                    delta,
+                    image_shape=tuple(x.shape[1:]),
+                    num_images=b,
+                    masks=m if known_mask else None,
+                    shared_kind="update",
+                    local_steps=local_steps,
+                    local_lr=local_lr,
+                    max_grad_norm=None if sigma is None else max_grad_norm,
+                    iterations=steps,
+                    seed=seed,
+                    **cfg,
+                )
+                met = reconstruction_metrics(res.images, x, mask_probs=None if known_mask else res.mask_probs, masks=m)
+                label = "non-private" if sigma is None else f"DP sigma={sigma:g}"
+                recons[label], scores[label] = res.images, met["body_ssim"]
+                mean = {k: _mean(v) for k, v in met.items()}
+                eps = None if sigma is None else fastdp.compute_epsilon(1.0, sigma, local_steps, 1e-5)
+                runs.append(
+                    {
+                        "batch_size": b,
+                        "sigma": sigma,
+                        "epsilon": eps,
+                        "metrics": met,
+                        "mean": mean,
+                        "best_trivial": {"name": best_name, "body_ssim": best_val},
+                        "margin_body_ssim": mean["body_ssim"] - best_val,
+                        "attack_seconds": res.seconds,
+                        "objective": res.loss,
+                    }
+                )
+                if progress:
+                    print(
+                        f"[attack] B={b} {label:16s} body SSIM {mean['body_ssim']:.3f} (best trivial {best_name} "
+                        f"{best_val:.3f}), PSNR {mean['psnr']:.1f} dB, {res.seconds:.1f} s",
+                        flush=True,
+                    )
+            if out_dir is not None:
+                recons[f"guess: {best_name}"] = trivial_guesses(x, m)[best_name]
+                scores[f"guess: {best_name}"] = trivial[best_name]["body_ssim"]
+                pngs.append(str(save_attack_grid(Path(out_dir) / f"attack_B{b}.png", x, recons, scores)))
+        result = {
+            "config": {
+                "model": model_name,
+                "image_size": list(images.shape[-2:]),
+                "batch_sizes": list(batch_sizes),
+                "sigmas": dp_sigmas,
+                "max_grad_norm": max_grad_norm,
+                "pretrain_steps": pretrain_steps if model is None or isinstance(model, str) else None,
+                "local_steps": local_steps,
+                "local_lr": local_lr,
+                "steps": steps,
+                "known_mask": known_mask,
+                "attack": cfg,
+                "seed": seed,
+                "threads": torch.get_num_threads(),
+            },
+            "runs": runs,
+            "trivial": trivial_all,
+            "pngs": pngs,
+            "shared_by": shared_by,
+            "seconds": time.perf_counter() - start,
+        }
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(out_dir) / "attack_results.json", "w") as f:
+                json.dump(result, f, indent=1)
+        return result
+    finally:
+        torch.set_num_threads(old_threads)

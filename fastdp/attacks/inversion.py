@@ -259,6 +259,63 @@ def gradient_distance(
     raise ValueError(f"objective must be 'cosine' or 'l2', got {objective!r}")
 
 
+@torch.no_grad()
+def rank_references(
+    model: nn.Module,
+    shared: Mapping[str, torch.Tensor],
+    references: torch.Tensor,
+    masks: torch.Tensor,
+    *,
+    num_classes: int = 2,
+    global_state: Mapping[str, torch.Tensor] | None = None,
+    shared_kind: Literal["gradient", "update"] = "gradient",
+    local_steps: int = 1,
+    local_lr: float = 1.0,
+    max_grad_norm: float | None = None,
+    objective: Literal["cosine", "l2"] = "cosine",
+    layer_weights: Mapping[str, float] | None = None,
+    criterion: Criterion = soft_dice_ce,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient-guided retrieval: scores every reference image as the one image behind ``shared``.
+
+    An attacker with public CT slices (other patients, another scanner) simulates each one's
+    gradient or update under the known mask and ranks them by the distance to the shared one;
+    the best match is a starting point (``invert_gradients(init=...)``) or a reconstruction of its
+    own. Single-image updates only (batch size 1).
+
+    Args:
+        references: [N, C_in, H, W] candidate images in [0, 1].
+        masks: the attacked sample's known mask [1, H, W] (or [H, W]).
+        Other arguments as in :func:`invert_gradients`.
+    Returns: (distances [N], indices [N] sorting them, best first). Cost: N gradient evaluations.
+    """
+    params = _trainable(model, global_state)
+    names = list(params)
+    if shared_kind == "update" and local_steps == 1:
+        target = [-shared[n].detach().float() / local_lr for n in names]
+    else:
+        target = [shared[n].detach().float() for n in names]
+    lw = layer_weights or {}
+    weights = [float(lw.get(n, 1.0)) for n in names]
+    probs = F.one_hot(masks.reshape(1, *references.shape[-2:]).long(), num_classes).movedim(-1, 1).float()
+    dists = torch.empty(references.shape[0])
+    with torch.enable_grad():
+        for i in range(references.shape[0]):
+            cand = simulate_update(
+                model,
+                params,
+                references[i : i + 1].float(),
+                probs,
+                local_steps=local_steps if shared_kind == "update" else 1,
+                local_lr=local_lr,
+                max_grad_norm=max_grad_norm,
+                criterion=criterion,
+                create_graph=local_steps > 1,
+            )
+            dists[i] = float(gradient_distance([cand[n].detach() for n in names], target, weights, objective))
+    return dists, dists.argsort()
+
+
 def invert_gradients(
     model: nn.Module,
     shared: Mapping[str, torch.Tensor],
@@ -281,7 +338,7 @@ def invert_gradients(
     restarts: int = 1,
     signed: bool = True,
     lr_decay: bool = True,
-    init: Literal["random", "grey"] = "random",
+    init: Literal["random", "grey"] | torch.Tensor = "random",
     criterion: Criterion = soft_dice_ce,
     prior: PCAImagePrior | None = None,
     prior_weight: float = 0.0,
@@ -316,7 +373,8 @@ def invert_gradients(
         restarts: independent random starts; the one with the lowest final objective is kept.
         signed: Adam sees sign(gradient) (Geiping et al.); False: raw gradients.
         lr_decay: multiply the learning rate by 0.1 at 3/8, 5/8 and 7/8 of the iterations.
-        init: "random" (uniform [0, 1]) or "grey" (0.5 plus small noise) starting images.
+        init: "random" (uniform [0, 1]), "grey" (0.5 plus small noise) or a tensor [B, C_in, H, W] of
+            starting images (e.g. a prior's mean; restarts after the first add noise of std 0.05).
         criterion: the site's per-sample loss ``(logits, target_probs [B, K, H, W]) -> [B]``.
         prior: search images as ``prior.decode(z)`` (a :class:`PCAImagePrior`) instead of pixels;
             the start is the prior's mean (restart 0) or a random draw from it (later restarts).
@@ -364,6 +422,9 @@ def invert_gradients(
         if prior is not None:
             z = (0.0 if r == 0 else 0.5) * torch.randn(num_images, prior.components, generator=gen)
             x = z.to(dev).requires_grad_(True)  # the optimised variable; images are decode(z)
+        elif isinstance(init, torch.Tensor):
+            x0 = init.detach().float().expand(shape) + (0.05 * torch.randn(shape, generator=gen) if r else 0.0)
+            x = x0.clamp(0, 1).to(dev).requires_grad_(True)
         elif init == "grey":
             x = (0.5 + 0.05 * torch.randn(shape, generator=gen)).clamp(0, 1).to(dev).requires_grad_(True)
         else:
