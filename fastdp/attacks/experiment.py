@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fastdp.attacks.inversion import invert_gradients
+from fastdp.attacks.inversion import invert_gradients, rank_references
 
 
 def pretrain(
@@ -210,6 +210,9 @@ def run_attack_experiment(
     size: int = 64,
     pretrain_steps: int = 50,
     attack: Mapping | None = None,
+    mode: str = "retrieval",
+    references: int = 256,
+    top_k: int = 3,
     seed: int = 0,
     threads: int | None = None,
     progress: bool = True,
@@ -244,14 +247,23 @@ def run_attack_experiment(
         local_steps, local_lr: the site's local SGD; more than one step is attacked by unrolling.
         size, pretrain_steps: the phantom side and the pretraining when model/images are not given.
         attack: further ``invert_gradients`` arguments (e.g. ``{"objective": "l2", "optimizer": "lbfgs"}``).
+        mode: ``"retrieval"``: for single-image updates, gradient-guided retrieval with a CT prior —
+            the attacker ranks ``references`` public phantom slices (``site_b``, other patients and
+            scanner) by the distance of their simulated update to the shared one under the known mask
+            and returns the mean of the ``top_k`` best (:func:`fastdp.attacks.rank_references`);
+            batches of more than one image, or an unknown mask, use the pixel attack. ``"pixels"``:
+            always the pixel-space Inverting Gradients attack (``steps`` steps).
+        references, top_k: the retrieval's reference slices and how many best matches are averaged.
+            They also add the trivial guesses ``ref_mean`` and ``ref_mask_match`` (the same
+            retrieval by the masks alone, without the gradient).
         seed: seeds the model, the DP noise and the attack's starting points.
         threads: torch threads during the run (None: leave as is).
         progress: print one line per attack.
-    Returns: {"config": {...}, "runs": [{"batch_size", "sigma" (None: non-private), "epsilon" (of this
-        one update at delta 1e-5; None: non-private), "metrics": {name: [B]}, "mean": {name: float},
-        "best_trivial": {"name", "body_ssim"}, "margin_body_ssim" (mean body SSIM minus the best
-        trivial guess's), "attack_seconds", "objective"}, ...], "trivial": {"B": {guess: {metric: [B]}}},
-        "pngs": [paths], "shared_by", "seconds"}.
+    Returns: {"config": {...}, "runs": [{"batch_size", "sigma" (None: non-private), "mode" ("retrieval"
+        or "pixels"), "epsilon" (of this one update at delta 1e-5; None: non-private), "metrics":
+        {name: [B]}, "mean": {name: float}, "best_trivial": {"name", "body_ssim"}, "margin_body_ssim"
+        (mean body SSIM minus the best trivial guess's), "attack_seconds", "objective"}, ...],
+        "trivial": {"B": {guess: {metric: [B]}}}, "pngs": [paths], "shared_by", "seconds"}.
     """
     import fastdp
     from fastdp.attacks.metrics import best_trivial, reconstruction_metrics, trivial_guess_metrics, trivial_guesses
@@ -279,6 +291,11 @@ def run_attack_experiment(
             images, masks = _slices_with_organ(PhantomDataset("site_a", 64, size, seed), max(batch_sizes), 64)
         elif masks is None or len(images) < max(batch_sizes):
             raise ValueError("give masks with the images, and at least max(batch_sizes) of each")
+        if mode not in ("retrieval", "pixels"):
+            raise ValueError(f"mode must be 'retrieval' or 'pixels', got {mode!r}")
+        ref_x = ref_m = None
+        if mode == "retrieval" and references > 0:
+            ref_x, ref_m = PhantomDataset("site_b", references, images.shape[-1], seed + 7, start=5000).tensors()
         dp_sigmas = [float(s) for s in sigmas if s]
         dp_sigmas = list(dict.fromkeys(dp_sigmas))
         cfg = {**DEFAULT_ATTACK, "lr": lr, "tv_weight": tv_weight, "restarts": restarts, **(attack or {})}
@@ -288,7 +305,8 @@ def run_attack_experiment(
             x, m = images[:b].float(), masks[:b].long()
             if m.dim() == 4:
                 m = m[:, 0]
-            trivial = trivial_guess_metrics(x, m)
+            ref_kw = {} if ref_x is None else {"references": ref_x, "reference_masks": ref_m, "top_k": top_k}
+            trivial = trivial_guess_metrics(x, m, **ref_kw)
             trivial_all[str(b)] = trivial
             best_name, best_val = best_trivial(trivial)
             recons, scores = {}, {}
@@ -299,46 +317,71 @@ def run_attack_experiment(
                     delta = site_update(net, x, m, seed=seed, **kw)
                 else:
                     shared_by = "fastdp.federated.Site"
-                res = invert_gradients(
-                    net,
-                    delta,
-                    image_shape=tuple(x.shape[1:]),
-                    num_images=b,
-                    masks=m if known_mask else None,
-                    shared_kind="update",
-                    local_steps=local_steps,
-                    local_lr=local_lr,
-                    max_grad_norm=None if sigma is None else max_grad_norm,
-                    iterations=steps,
-                    seed=seed,
-                    **cfg,
-                )
-                met = reconstruction_metrics(res.images, x, mask_probs=None if known_mask else res.mask_probs, masks=m)
+                clip = None if sigma is None else max_grad_norm
+                t0 = time.perf_counter()
+                if ref_x is not None and b == 1 and known_mask:
+                    run_mode = "retrieval"
+                    dists, order = rank_references(
+                        net,
+                        delta,
+                        ref_x,
+                        m,
+                        shared_kind="update",
+                        local_steps=local_steps,
+                        local_lr=local_lr,
+                        max_grad_norm=clip,
+                        objective=cfg.get("objective", "cosine"),
+                    )
+                    recon, mask_probs, objective = (
+                        ref_x[order[:top_k]].mean(0, keepdim=True),
+                        None,
+                        float(dists[order[0]]),
+                    )
+                else:
+                    run_mode = "pixels"
+                    res = invert_gradients(
+                        net,
+                        delta,
+                        image_shape=tuple(x.shape[1:]),
+                        num_images=b,
+                        masks=m if known_mask else None,
+                        shared_kind="update",
+                        local_steps=local_steps,
+                        local_lr=local_lr,
+                        max_grad_norm=clip,
+                        iterations=steps,
+                        seed=seed,
+                        **cfg,
+                    )
+                    recon, mask_probs, objective = res.images, None if known_mask else res.mask_probs, res.loss
+                seconds = time.perf_counter() - t0
+                met = reconstruction_metrics(recon, x, mask_probs=mask_probs, masks=m)
                 label = "non-private" if sigma is None else f"DP sigma={sigma:g}"
-                recons[label], scores[label] = res.images, met["body_ssim"]
+                recons[label], scores[label] = recon, met["body_ssim"]
                 mean = {k: _mean(v) for k, v in met.items()}
                 eps = None if sigma is None else fastdp.compute_epsilon(1.0, sigma, local_steps, 1e-5)
                 runs.append(
                     {
                         "batch_size": b,
                         "sigma": sigma,
+                        "mode": run_mode,
                         "epsilon": eps,
                         "metrics": met,
                         "mean": mean,
                         "best_trivial": {"name": best_name, "body_ssim": best_val},
                         "margin_body_ssim": mean["body_ssim"] - best_val,
-                        "attack_seconds": res.seconds,
-                        "objective": res.loss,
+                        "attack_seconds": seconds,
+                        "objective": objective,
                     }
                 )
                 if progress:
                     print(
                         f"[attack] B={b} {label:16s} body SSIM {mean['body_ssim']:.3f} (best trivial {best_name} "
-                        f"{best_val:.3f}), PSNR {mean['psnr']:.1f} dB, {res.seconds:.1f} s",
+                        f"{best_val:.3f}), PSNR {mean['psnr']:.1f} dB, {run_mode}, {seconds:.1f} s",
                         flush=True,
                     )
             if out_dir is not None:
-                recons[f"guess: {best_name}"] = trivial_guesses(x, m)[best_name]
+                recons[f"guess: {best_name}"] = trivial_guesses(x, m, **ref_kw)[best_name]
                 scores[f"guess: {best_name}"] = trivial[best_name]["body_ssim"]
                 pngs.append(str(save_attack_grid(Path(out_dir) / f"attack_B{b}.png", x, recons, scores)))
         result = {
@@ -353,6 +396,9 @@ def run_attack_experiment(
                 "local_lr": local_lr,
                 "steps": steps,
                 "known_mask": known_mask,
+                "mode": mode,
+                "references": references if ref_x is not None else 0,
+                "top_k": top_k,
                 "attack": cfg,
                 "seed": seed,
                 "threads": torch.get_num_threads(),

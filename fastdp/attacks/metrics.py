@@ -81,7 +81,13 @@ def reconstruction_metrics(
 
 
 @torch.no_grad()
-def trivial_guesses(truth: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+def trivial_guesses(
+    truth: torch.Tensor,
+    masks: torch.Tensor,
+    references: torch.Tensor | None = None,
+    reference_masks: torch.Tensor | None = None,
+    top_k: int = 3,
+) -> dict[str, torch.Tensor]:
     """Guesses that need no attack, [B, 1, H, W] each.
 
     * ``grey``: 0.5 everywhere (a blank mid-grey image);
@@ -89,23 +95,42 @@ def trivial_guesses(truth: torch.Tensor, masks: torch.Tensor) -> dict[str, torch
     * ``zeros``: all black;
     * ``mask_mean``: the known organ mask filled with the slice's mean intensity inside it,
       0 elsewhere (what a server that knows the labels can draw without the gradient).
+    With an attacker's reference slices [N, 1, H, W] (and their masks [N, H, W]) also:
+
+    * ``ref_mean``: the mean reference slice (a prior's guess before any gradient);
+    * ``ref_mask_match``: the mean of the ``top_k`` references whose masks best match the known
+      mask (Dice): what retrieval by the labels alone gives, without the gradient.
+
     The oracle means use the truth, so they are upper bounds on what a blind guess could do.
     """
     m = masks.reshape(truth.shape[0], 1, *truth.shape[-2:]).to(truth.dtype)
     mean = truth.mean((1, 2, 3), keepdim=True)
     organ_mean = (truth * m).sum((1, 2, 3), keepdim=True) / m.sum((1, 2, 3), keepdim=True).clamp(min=1)
-    return {
+    out = {
         "grey": torch.full_like(truth, 0.5),
         "mean": mean.expand_as(truth).clone(),
         "zeros": torch.zeros_like(truth),
         "mask_mean": m * organ_mean,
     }
+    if references is not None:
+        out["ref_mean"] = references.float().mean(0, keepdim=True).expand_as(truth).clone()
+        if reference_masks is not None:
+            rm = reference_masks.reshape(references.shape[0], -1).float()
+            tm = m.reshape(truth.shape[0], -1)
+            inter = tm @ rm.T  # [B, N]
+            dice = 2 * inter / (tm.sum(1, keepdim=True) + rm.sum(1)[None]).clamp(min=1)
+            idx = dice.topk(min(top_k, references.shape[0]), dim=1).indices  # [B, k]
+            out["ref_mask_match"] = references.float()[idx].mean(1)
+    return out
 
 
 @torch.no_grad()
-def trivial_guess_metrics(truth: torch.Tensor, masks: torch.Tensor) -> dict[str, dict[str, list[float]]]:
-    """:func:`reconstruction_metrics` of every :func:`trivial_guesses` entry: name -> metric -> [B]."""
-    return {name: reconstruction_metrics(g, truth) for name, g in trivial_guesses(truth, masks).items()}
+def trivial_guess_metrics(truth: torch.Tensor, masks: torch.Tensor, **kwargs) -> dict[str, dict[str, list[float]]]:
+    """:func:`reconstruction_metrics` of every :func:`trivial_guesses` entry: name -> metric -> [B].
+
+    kwargs go to :func:`trivial_guesses` (references, reference_masks, top_k).
+    """
+    return {name: reconstruction_metrics(g, truth) for name, g in trivial_guesses(truth, masks, **kwargs).items()}
 
 
 def best_trivial(trivial: dict[str, dict[str, list[float]]], metric: str = "body_ssim") -> tuple[str, float]:
