@@ -1,13 +1,13 @@
 """Gradient inversion on a fastdp site's update: non-private vs DP, scored against trivial guesses.
 
-A lightly trained U-Net (unet_small) is the global model; one site holds 1 or 4 phantom CT
-slices and sends its update (fastdp.federated.Site.local_update, SGD) without DP and with DP-SGD
+The global model is a U-Net (unet_small; untrained by default: the round-1 model); one site holds
+1 or 4 phantom CT slices and sends its update (fastdp.federated.Site.local_update, SGD) without DP and with DP-SGD
 at several noise multipliers. The server attacks each update with the same settings and the
 reconstructions are scored (body SSIM, PSNR) next to guesses that need no gradient.
 
     python examples/gradient_inversion.py                      # about a minute: the default demo
-    python examples/gradient_inversion.py --slices 8           # average over 8 different slices
-    python examples/gradient_inversion.py --mode pixels --steps 1000 --batch-sizes 1
+    python examples/gradient_inversion.py --batch-sizes 1 --steps 300 --slices 4   # the sweep's best pixel setting
+    python examples/gradient_inversion.py --mode retrieval --references 512 --batch-sizes 1 --slices 6
 
 Writes attack_B{B}.png, attack_results.json (per slice) and summary.json into --out.
 """
@@ -35,19 +35,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--sigmas", type=float, nargs="+", default=[0.1, 1.0], help="DP noise multipliers (C = 1)")
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
-    ap.add_argument("--mode", choices=["retrieval", "pixels"], default="retrieval")
+    ap.add_argument("--mode", choices=["retrieval", "pixels"], default="pixels")
     ap.add_argument("--references", type=int, default=256, help="attacker's public reference slices")
     ap.add_argument("--top-k", type=int, default=3, help="retrieved slices averaged")
     ap.add_argument("--steps", type=int, default=60, help="pixel-attack optimisation steps")
     ap.add_argument("--lr", type=float, default=0.1)
-    ap.add_argument("--tv-weight", type=float, default=0.1)
+    ap.add_argument("--tv-weight", type=float, default=0.5)
     ap.add_argument("--restarts", type=int, default=1)
     ap.add_argument("--objective", choices=["cosine", "l2"], default="cosine")
     ap.add_argument("--optimizer", choices=["adam", "lbfgs"], default="adam")
     ap.add_argument("--unknown-mask", action="store_true", help="optimise the mask jointly")
     ap.add_argument("--local-steps", type=int, default=1, help="site's local SGD steps (unrolled by the attack)")
     ap.add_argument("--local-lr", type=float, default=0.1)
-    ap.add_argument("--pretrain-steps", type=int, default=50)
+    ap.add_argument("--pretrain-steps", type=int, default=0, help="0: the untrained round-1 model")
     ap.add_argument("--slices", type=int, default=1, help="attack this many different target slices")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)

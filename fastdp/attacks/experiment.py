@@ -202,15 +202,15 @@ def run_attack_experiment(
     max_grad_norm: float = 1.0,
     steps: int = 60,
     lr: float = 0.1,
-    tv_weight: float = 0.1,
+    tv_weight: float = 0.5,
     restarts: int = 1,
     known_mask: bool = True,
     local_steps: int = 1,
     local_lr: float = 0.1,
     size: int = 64,
-    pretrain_steps: int = 50,
+    pretrain_steps: int = 0,
     attack: Mapping | None = None,
-    mode: str = "retrieval",
+    mode: str = "pixels",
     references: int = 256,
     top_k: int = 3,
     seed: int = 0,
@@ -231,7 +231,8 @@ def run_attack_experiment(
     Args:
         model: the global model (an ``nn.Module``, not modified), or a ``build_model`` name / None
             (``"unet_small"``): then built with ``seed`` and trained ``pretrain_steps`` Adam steps
-            (batch 8) on 64 ``site_b`` phantom slices: a lightly trained global model.
+            (batch 8) on 64 ``site_b`` phantom slices (0: the round-1 global model, untrained, which
+            the pixel attack inverted best in docs/attacks.md).
         images: [N, 1, H, W] in [0, 1] with N >= max(batch_sizes); masks: [N, H, W] int. None:
             ``site_a`` phantom slices of side ``size`` with at least 64 liver pixels.
         out_dir: where ``attack_B{B}.png`` and ``attack_results.json`` go (None: nothing written).
@@ -247,12 +248,12 @@ def run_attack_experiment(
         local_steps, local_lr: the site's local SGD; more than one step is attacked by unrolling.
         size, pretrain_steps: the phantom side and the pretraining when model/images are not given.
         attack: further ``invert_gradients`` arguments (e.g. ``{"objective": "l2", "optimizer": "lbfgs"}``).
-        mode: ``"retrieval"``: for single-image updates, gradient-guided retrieval with a CT prior —
+        mode: ``"pixels"``: the pixel-space Inverting Gradients attack (``steps`` steps).
+            ``"retrieval"``: for single-image updates, gradient-guided retrieval with a CT prior —
             the attacker ranks ``references`` public phantom slices (``site_b``, other patients and
             scanner) by the distance of their simulated update to the shared one under the known mask
             and returns the mean of the ``top_k`` best (:func:`fastdp.attacks.rank_references`);
-            batches of more than one image, or an unknown mask, use the pixel attack. ``"pixels"``:
-            always the pixel-space Inverting Gradients attack (``steps`` steps).
+            batches of more than one image, or an unknown mask, use the pixel attack.
         references, top_k: the retrieval's reference slices and how many best matches are averaged.
             They also add the trivial guesses ``ref_mean`` and ``ref_mask_match`` (the same
             retrieval by the masks alone, without the gradient).
