@@ -52,7 +52,6 @@ def test_trivial_guesses_values():
     assert value == min(sum(t["mse"]) for t in trivial.values())
 
 
-@pytest.mark.slow
 def test_run_attack_experiment_end_to_end_on_a_tiny_net(tmp_path):
     torch.manual_seed(0)
     model = UNet(base_channels=2, depth=1)
