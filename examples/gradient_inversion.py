@@ -38,7 +38,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--mode", choices=["retrieval", "pixels"], default="pixels")
     ap.add_argument("--references", type=int, default=256, help="attacker's public reference slices")
     ap.add_argument("--top-k", type=int, default=3, help="retrieved slices averaged")
-    ap.add_argument("--steps", type=int, default=60, help="pixel-attack optimisation steps")
+    ap.add_argument("--steps", type=int, default=50, help="pixel-attack optimisation steps")
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--tv-weight", type=float, default=0.5)
     ap.add_argument("--restarts", type=int, default=1)

@@ -200,7 +200,7 @@ def run_attack_experiment(
     batch_sizes: Sequence[int] = (1, 4),
     sigmas: Sequence[float] = (0.1, 1.0),
     max_grad_norm: float = 1.0,
-    steps: int = 60,
+    steps: int = 50,
     lr: float = 0.1,
     tv_weight: float = 0.5,
     restarts: int = 1,
@@ -240,9 +240,10 @@ def run_attack_experiment(
         sigmas: DP noise multipliers (noise std sigma * C on the sum of clipped gradients). The
             non-private update is always attacked; 0 or None entries mean it and are not repeated.
         max_grad_norm: DP clipping bound C.
-        steps: attack optimisation steps per update. The default keeps the whole run near a minute
-            on a 2-core CPU and is too short to reconstruct anything; see docs/attacks.md for what
-            longer runs (1000-6000 steps, 1.5-9 min per attack) reach.
+        steps: attack optimisation steps per update. The default keeps the whole default run at
+            about 80 s of CPU on one core (six attacks, four of them on B = 4); on this model the
+            body SSIM of B = 1 did not improve from 60 to 300 steps and fell at 1000 (docs/attacks.md).
+            One step costs about 0.09 s at B = 1 and 0.35 s at B = 4, 64x64, ``unet_small``.
         lr, tv_weight, restarts: the attack's step size, total-variation weight and random restarts.
         known_mask: the attacker knows the masks; False optimises them jointly (soft logits).
         local_steps, local_lr: the site's local SGD; more than one step is attacked by unrolling.
