@@ -267,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trains every configured run (non-private FL, DP-FL, ...) with fastdp.federated, attacks the "
         "shared updates, and writes OUT_DIR/report.md. Rerunning resumes from the checkpoints.",
         epilog="examples:\n  fastdp run\n  fastdp run configs/demo.toml --set federated.rounds=3 --out-dir runs/quick\n"
+        "  fastdp run configs/demo.toml --set federated.backend=flower   # over Flower, one SuperNode per site\n"
         "  fastdp run configs/paper_liver_256.toml --set data.msd_path=/data/Task03_Liver",
         formatter_class=_Formatter,
     )

@@ -41,6 +41,7 @@ __all__ = [
 MODES = ("centralised", "nonprivate", "dp")
 MODEL_NAMES = ("unet_small", "unet_paper", "monai_unet", "monai_basic_unet")
 STRATEGIES = ("fedavg", "fedprox", "dp-fedavg")
+BACKENDS = ("simulation", "flower")
 _PHANTOM_SITE = re.compile(r"^site_(?:[a-c]|\d+)$")
 
 
@@ -152,6 +153,10 @@ class FederatedConfig:
         fedprox_mu: FedProx proximal weight.
         server_clip_norm: DP-FedAvg: each site update is clipped to this L2 norm.
         server_noise_multiplier: DP-FedAvg: noise std at the server is this times the clip norm.
+        backend: ``"simulation"`` (every site in this process, checkpointed, resumable) or
+            ``"flower"`` (a Flower SuperLink and one SuperNode per site as separate processes on
+            127.0.0.1, via :func:`fastdp.federated.flower.launch_local`; needs ``fastdp[flower]``).
+            Both train the same Sites and write the same run folder.
     """
 
     rounds: int = 10
@@ -164,6 +169,7 @@ class FederatedConfig:
     fedprox_mu: float = 0.01
     server_clip_norm: float = 1.0
     server_noise_multiplier: float = 1.0
+    backend: str = "simulation"
 
     def validate(self, p: str) -> None:
         _positive_int(f"{p}.rounds", self.rounds)
@@ -177,6 +183,7 @@ class FederatedConfig:
         _non_negative_float(f"{p}.fedprox_mu", self.fedprox_mu)
         _positive_float(f"{p}.server_clip_norm", self.server_clip_norm)
         _non_negative_float(f"{p}.server_noise_multiplier", self.server_noise_multiplier)
+        _choice(f"{p}.backend", self.backend, BACKENDS)
 
 
 @dataclass

@@ -10,10 +10,12 @@ The run folder (``config.out_dir``)::
     <run>/history.json, .csv      per run ("nonprivate", "dp", "centralised", "dp_eps<e>"), from Simulation
     <run>/checkpoints/            Simulation's per-round checkpoints (a rerun resumes from them)
     <run>/global_model.pt         the final global model's state_dict
+    <run>/flower/                 federated.backend = "flower": app folder, process logs, site state files
     attack/attack.json, *.png     the gradient-inversion attack's metrics and reconstruction grid
     report.md, plots/*.png        the report
 
-Training uses :mod:`fastdp.federated` (Site, strategies, Simulation) and the attack uses
+Training uses :mod:`fastdp.federated` (Site, strategies, Simulation; built by
+:mod:`fastdp.experiment.builders`), in process or over Flower (``federated.backend``), and the attack uses
 :mod:`fastdp.attacks`; both are imported only when needed, with an ImportError that says what
 is missing.
 """
@@ -23,47 +25,36 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
+from fastdp.experiment.builders import (
+    RunSpec,
+    build_simulation,
+    federated_module,
+    model_factory,
+    planned_runs,
+    resolve_device,
+)
 from fastdp.experiment.config import ExperimentConfig
 from fastdp.experiment.data import ExperimentData, build_data
 
-__all__ = ["RunSpec", "planned_noise_multiplier", "planned_runs", "run_attack", "run_experiment", "run_mode"]
+__all__ = [
+    "RunSpec",
+    "model_factory",
+    "planned_noise_multiplier",
+    "planned_runs",
+    "run_attack",
+    "run_experiment",
+    "run_flower",
+    "run_mode",
+]
 
 log = logging.getLogger("fastdp.experiment")
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One training run of an experiment.
-
-    Attributes:
-        label: its folder name and its name in the report.
-        mode: "centralised", "nonprivate" or "dp".
-        target_epsilon: the per-site epsilon a DP run calibrates sigma to (None: use the config).
-    """
-
-    label: str
-    mode: str
-    target_epsilon: float | None = None
-
-
-def planned_runs(cfg: ExperimentConfig) -> list[RunSpec]:
-    """The runs ``cfg.modes`` asks for, in order; an epsilon sweep expands "dp" into one run per epsilon."""
-    runs = []
-    for mode in cfg.modes:
-        if mode == "dp" and cfg.dp.epsilon_sweep:
-            runs += [RunSpec(f"dp_eps{eps:g}", "dp", eps) for eps in cfg.dp.epsilon_sweep]
-        else:
-            runs.append(RunSpec(mode, mode))
-    return runs
 
 
 def planned_noise_multiplier(cfg: ExperimentConfig, n_train: int, target_epsilon: float | None = None) -> float:
@@ -82,138 +73,29 @@ def planned_noise_multiplier(cfg: ExperimentConfig, n_train: int, target_epsilon
     return get_noise_multiplier(eps, cfg.dp.delta, q, fed.rounds * fed.local_steps, cfg.dp.accountant)
 
 
-def _federated():
-    """The fastdp.federated module, or an ImportError that says what the runner needs from it."""
-    try:
-        import fastdp.federated as federated
-    except ImportError as exc:
-        raise ImportError(
-            "`fastdp run` needs fastdp.federated (Site, DPConfig, FedAvg, FedProx, DPFedAvg, Simulation), "
-            f"which could not be imported: {exc}"
-        ) from exc
-    return federated
-
-
-def _device(cfg: ExperimentConfig) -> str:
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device = 'cuda' but torch sees no CUDA device; set device = 'cpu' or 'auto'")
-    return cfg.device
-
-
-def model_factory(cfg: ExperimentConfig) -> Callable[[], nn.Module]:
-    """A zero-argument function building a fresh model of the configured kind (what Site and Simulation take)."""
-    from fastdp.models import build_model
-
-    name, kwargs = cfg.model.name, dict(cfg.model.kwargs)
-
-    def make() -> nn.Module:
-        return build_model(name, **kwargs)
-
-    try:
-        make()  # fail here, naming the config key, rather than inside the first round
-    except (TypeError, ValueError) as exc:
-        from fastdp.experiment.config import ConfigError
-
-        raise ConfigError(f"model.kwargs: {name} does not accept {kwargs}: {exc}") from None
-    return make
-
-
-def _site_dp(cfg: ExperimentConfig, run: RunSpec, site: str, federated):
-    """The federated DPConfig of one site in a DP run (None outside DP runs)."""
-    if run.mode != "dp":
-        return None
-    dp = cfg.dp
-    target = run.target_epsilon if run.target_epsilon is not None else dp.target_epsilon
-    sigma = dp.noise_multiplier if run.target_epsilon is None else None
-    return federated.DPConfig(
-        noise_multiplier=sigma,
-        target_epsilon=None if sigma is not None else target,
-        max_grad_norm=dp.max_grad_norm,
-        delta=dp.delta,
-        epsilon_budget=dp.budget_for(site),
-        accountant=dp.accountant,
-    )
-
-
-def _strategy(cfg: ExperimentConfig, run: RunSpec, federated):
-    fed = cfg.federated
-    n_sites = 1 if run.mode == "centralised" else len(cfg.data.sites)
-    # sites_per_round k of N sites: FedAvg asks round(k/N * N) = k sites; DP-FedAvg samples each
-    # site with probability k/N (Poisson, as its accountant assumes), k on average.
-    fraction = 1.0 if fed.sites_per_round is None or run.mode == "centralised" else fed.sites_per_round / n_sites
-    # User-level DP at the server belongs to the DP run; the non-private baseline averages plainly.
-    if fed.strategy == "dp-fedavg" and run.mode == "dp":
-        return federated.DPFedAvg(
-            clip_norm=fed.server_clip_norm,
-            noise_multiplier=fed.server_noise_multiplier,
-            sample_rate=fraction,
-            num_sites=n_sites,
-            delta=cfg.dp.delta,
-            accountant=cfg.dp.accountant,
-            seed=cfg.seed,
-        )
-    if fed.strategy == "fedprox":
-        return federated.FedProx(mu=fed.fedprox_mu, fraction_fit=fraction)
-    return federated.FedAvg(fraction_fit=fraction)
-
-
-def _sites(cfg: ExperimentConfig, run: RunSpec, data: ExperimentData, make_model, device: str, federated) -> list:
-    fed = cfg.federated
-    common = dict(
-        batch_size=fed.batch_size,
-        lr=fed.lr,
-        optimizer=fed.optimizer,
-        planned_rounds=fed.rounds,
-        device=device,
-    )
-    if run.mode == "centralised":
-        # One site with everything; as many steps per round as all sites together, so the
-        # compute matches the federated runs.
-        train, val = data.pooled()
-        steps = fed.local_steps * len(data.train)
-        return [federated.Site("pooled", train, val, make_model, local_steps=steps, seed=cfg.seed, **common)]
-    return [
-        federated.Site(
-            name,
-            data.train[name],
-            data.val[name],
-            make_model,
-            local_steps=fed.local_steps,
-            dp=_site_dp(cfg, run, name, federated),
-            seed=cfg.seed * 1000 + k,  # the same per-site sampling stream in every run: paired comparison
-            **common,
-        )
-        for k, name in enumerate(data.train)
-    ]
-
-
 def run_mode(
     cfg: ExperimentConfig, run: RunSpec, data: ExperimentData, run_dir: Path, *, progress: bool = True
 ) -> Path:
-    """Trains one run with fastdp.federated.Simulation into ``run_dir/run.label``.
+    """Trains one run into ``run_dir/run.label`` with the configured backend (``federated.backend``).
 
-    Writes history.json/.csv (Simulation), checkpoints/ (resumed if present) and the final
-    global model's state_dict as global_model.pt. Returns the global_model.pt path.
+    "simulation": fastdp.federated.Simulation in this process; writes history.json/.csv,
+    checkpoints/ (resumed if present) and the final global model's state_dict as global_model.pt.
+    "flower": :func:`run_flower`, the same files but no checkpoints. Returns the global_model.pt path.
     """
-    federated = _federated()
+    if cfg.federated.backend == "flower":
+        return run_flower(cfg, run, run_dir, progress=progress)
     make_model = model_factory(cfg)
-    device = _device(cfg)
     out = run_dir / run.label
     torch.manual_seed(cfg.seed)
-    simulation = federated.Simulation(
-        _sites(cfg, run, data, make_model, device, federated),
-        _strategy(cfg, run, federated),
-        make_model,
-        test_data=data.test,
-        rounds=cfg.federated.rounds,
-        seed=cfg.seed,
+    simulation = build_simulation(
+        cfg,
+        run,
+        data,
+        make_model=make_model,
+        device=resolve_device(cfg),
         checkpoint_dir=out / "checkpoints",
         out_dir=out,
         progress=progress,
-        config={"experiment": cfg.name, "run": run.label, "target_epsilon": run.target_epsilon, **cfg.to_dict()},
-        device=device,
     )
     simulation.run(resume=True)
     path = out / "global_model.pt"
@@ -221,6 +103,47 @@ def run_mode(
     torch.save({k: v.detach().cpu() for k, v in simulation.global_state.items()}, tmp)
     tmp.replace(path)  # atomic, like the checkpoints: `fastdp attack` never loads half a file
     return path
+
+
+def _flower_module():
+    try:
+        import fastdp.federated.flower as flower
+    except ImportError as exc:
+        raise ImportError(f"federated.backend = 'flower' needs Flower: pip install 'fastdp[flower]' ({exc})") from exc
+    return flower
+
+
+def run_flower(
+    cfg: ExperimentConfig,
+    run: RunSpec,
+    run_dir: Path,
+    *,
+    progress: bool = True,
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+) -> Path:
+    """Trains one run over Flower on this machine: a SuperLink and one SuperNode per site on 127.0.0.1.
+
+    The Flower run config carries the experiment config (its TOML text) and the run label, so the
+    ServerApp and every ClientApp build the run's Strategy and Sites with the same builders as the
+    in-process Simulation. The ServerApp writes ``run_dir/run.label``/history.json/.csv and
+    global_model.pt; Flower's app folder, logs and the sites' state files go to its ``flower/``
+    sub-folder. A Flower run is not resumed: a rerun trains from scratch. Returns the
+    global_model.pt path.
+    """
+    flower = _flower_module()
+    out = (run_dir / run.label).resolve()
+    work = out / "flower"
+    run_config = flower.run_config_for(cfg, run.label, out_dir=str(out), state_dir=str(work / "state"))
+    if progress:
+        print(
+            f"[{run.label}] Flower: {run_config['num-sites']} SuperNodes on 127.0.0.1, logs in {work / 'logs'}",
+            file=sys.stderr,
+        )
+    result = flower.launch_local(run_config=run_config, work_dir=work, env=env, timeout=timeout)
+    if progress:
+        print(f"[{run.label}] Flower run {result.run_id} {result.status} in {result.wall_s:.0f} s", file=sys.stderr)
+    return out / "global_model.pt"
 
 
 def _attack_entry():
@@ -322,7 +245,7 @@ def run_experiment(
     """Trains every configured run, attacks, writes the report; returns the run folder.
 
     Steps: write config.toml -> build the sites' data -> for each run (planned_runs) train it
-    with fastdp.federated.Simulation -> if attack.enabled, attack the final non-private model's
+    with the configured backend (run_mode) -> if attack.enabled, attack the final non-private model's
     updates without and with DP noise -> report.md. A rerun with the same out_dir resumes the
     runs from their checkpoints (refused if the config changed; fresh=True starts over). An
     attack that fails is recorded in attack/attack.json and in the report; training results
@@ -330,7 +253,7 @@ def run_experiment(
     """
     cfg = config.validate()
     torch.set_num_threads(cfg.threads)
-    _federated()  # before any work: a missing federated package fails in a second, not after data generation
+    federated_module()  # before any work: a missing federated package fails in a second, not after data generation
     run_dir = Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _prepare_run_dir(cfg, run_dir, fresh)

@@ -67,3 +67,45 @@ def test_resume_is_refused_when_the_config_changed(tmp_path):
         _prepare_run_dir(changed, tmp_path, fresh=False)
     _prepare_run_dir(changed, tmp_path, fresh=True)
     assert not (tmp_path / "nonprivate" / "checkpoints").exists()
+
+
+def test_backend_is_validated():
+    assert ExperimentConfig().federated.backend == "simulation"
+    with pytest.raises(ConfigError, match="federated.backend: unknown value 'flwr'"):
+        ExperimentConfig().replace(**{"federated.backend": "flwr"})
+
+
+def test_flower_backend_builds_the_run_config(tmp_path, monkeypatch):
+    """run_mode with federated.backend = "flower" hands launch_local the experiment and the run (no processes)."""
+    pytest.importorskip("flwr", reason="the Flower backend needs the extra: pip install 'fastdp[flower]'")
+    from fastdp.experiment.runner import run_mode
+    from fastdp.federated import flower
+
+    calls = []
+
+    def fake_launch_local(num_nodes=None, run_config=None, work_dir=None, **kwargs):
+        calls.append((num_nodes, run_config, work_dir, kwargs))
+        return flower.FlowerRun({}, {}, tmp_path, tmp_path, run_id=1, status="finished:completed", wall_s=0.0)
+
+    monkeypatch.setattr(flower, "launch_local", fake_launch_local)
+    cfg = ExperimentConfig().replace(
+        modes=["centralised", "nonprivate", "dp"],
+        **{"federated.backend": "flower", "dp.epsilon_sweep": [2, 8], "data.sites": ["site_a", "site_b"]},
+    )
+    data = build_data(cfg.data, cfg.seed)
+    runs = planned_runs(cfg)
+    paths = [run_mode(cfg, run, data, tmp_path, progress=False) for run in runs]
+    assert paths == [tmp_path.resolve() / r.label / "global_model.pt" for r in runs]
+    assert len(calls) == len(runs)
+    for run, (num_nodes, run_config, work_dir, kwargs) in zip(runs, calls, strict=True):
+        out = tmp_path.resolve() / run.label
+        assert run_config == flower.resolve_config(run_config)  # a complete, valid run config
+        assert set(run_config) == set(flower.DEFAULT_RUN_CONFIG)
+        experiment, spec = flower.load_experiment(run_config)
+        assert experiment == cfg and spec == run
+        assert run_config["run"] == run.label
+        assert run_config["num-sites"] == (1 if run.mode == "centralised" else 2)
+        assert run_config["out-dir"] == str(out)
+        assert run_config["state-dir"] == str(out / "flower" / "state")
+        assert work_dir == out / "flower" and num_nodes is None
+        assert kwargs["timeout"] is None  # a long experiment is not cut off

@@ -1,89 +1,128 @@
 """The Flower adapter: a real SuperLink and three SuperNodes (separate processes, 127.0.0.1) against the simulator.
 
-Both paths build their Sites, Strategy and model from the same run config through
-fastdp.federated.flower's builders, run the same fastdp code, and exchange float32 tensors
-as numpy .npy bytes (exact), so the final global models must be bit-identical: tolerance 0.
+Both paths build their Sites, Strategy, model and data from one ExperimentConfig through
+fastdp.experiment.builders (the Flower run config carries the config's TOML text and the run
+label), run the same fastdp code, and exchange float32 tensors as numpy .npy bytes (exact), so
+the final global models must be bit-identical: tolerance 0.
 What could break that: a different per-sample conv method (FASTDP_CONV_METHOD=grouped in the
-child processes; conftest fixes it in-process), a different thread count (OMP_NUM_THREADS=1
-there, torch.set_num_threads(1) here), a site state that does not survive the new ClientApp
-process of round 2 (optimizer, sampler RNG, noise stream), or updates aggregated in another order.
+child processes; conftest fixes it in-process), a different thread count (OMP_NUM_THREADS=1 and
+threads = 1 there, torch.set_num_threads(1) here), a site state that does not survive the new
+ClientApp process of round 2 (optimizer, sampler RNG, noise stream), or updates aggregated in
+another order.
 """
 
+import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 pytest.importorskip("flwr", reason="the Flower adapter needs the extra: pip install 'fastdp[flower]'")
 
+from fastdp.experiment import ExperimentConfig  # noqa: E402
+from fastdp.experiment.builders import build_simulation, build_site, find_run, model_factory  # noqa: E402
+from fastdp.experiment.data import build_data  # noqa: E402
 from fastdp.federated import flower  # noqa: E402
+from fastdp.federated.simulation import initial_global_state  # noqa: E402
 from fastdp.federated.site import SiteUpdate  # noqa: E402
 
-# The tiny sizes of tests/federated: 64x64 phantom slices, a 4-channel depth-2 U-Net.
-BASE = {
-    "num-sites": 3,
-    "rounds": 2,
-    "image-size": 64,
-    "train-size": 40,
-    "val-size": 8,
-    "test-size": 8,
-    "batch-size": 8,
-    "local-steps": 2,
-    "lr": 0.1,
-    "optimizer": "sgd",
-    "seed": 3,
-}
+# The tiny sizes of tests/federated: 64x64 phantom slices, a 4-channel depth-2 U-Net, 2 rounds of 2 steps.
+EXPERIMENT = ExperimentConfig.from_dict(
+    {
+        "name": "flower-test",
+        "seed": 3,
+        "threads": 1,
+        "modes": ["nonprivate", "dp"],
+        "data": {"image_size": 64, "slices_per_site": 40, "val_slices_per_site": 8, "test_slices": 24},
+        "model": {"name": "unet_small", "kwargs": {"base_channels": 4, "depth": 2}},
+        "federated": {"rounds": 2, "local_steps": 2, "batch_size": 8, "lr": 0.1, "optimizer": "sgd"},
+        "dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0},
+        "attack": {"enabled": False},
+    }
+)
 CHILD_ENV = {"FASTDP_CONV_METHOD": "grouped", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def _compare(cfg: dict, tmp_path) -> tuple:
-    run = flower.launch_local(3, cfg, work_dir=tmp_path / "flower", env=CHILD_ENV, timeout=900)
-    sim = flower.build_simulation(cfg, progress=False)
+def _simulation(cfg: ExperimentConfig, label: str):
+    sim = build_simulation(cfg, find_run(cfg, label), build_data(cfg.data, cfg.seed), progress=False)
     sim.run()
-    assert run.status == "finished:completed"
-    assert list(run.global_state) == list(sim.global_state)
-    max_diff = max(float((run.global_state[k].double() - v.double()).abs().max()) for k, v in sim.global_state.items())
+    return sim
+
+
+def _assert_same(global_state: dict, history: dict, sim) -> float:
+    """Flower's result equals the in-process Simulation's: global state bit for bit, every round record."""
+    assert list(global_state) == list(sim.global_state)
+    max_diff = max(float((global_state[k].double() - v.double()).abs().max()) for k, v in sim.global_state.items())
     assert max_diff == 0.0, f"Flower and in-process global models differ by up to {max_diff}"
-    want = sim.history.to_dict()["rounds"]
-    got = run.history["rounds"]
-    assert len(got) == len(want) == cfg["rounds"]
-    for g, w in zip(got, want, strict=True):
+    want = sim.history.to_dict()
+    assert history["mode"] == want["mode"]
+    assert history["config"] == json.loads(json.dumps(want["config"]))
+    got_rounds, want_rounds = history["rounds"], want["rounds"]
+    assert len(got_rounds) == len(want_rounds) == sim.rounds
+    for g, w in zip(got_rounds, want_rounds, strict=True):
         assert g["participants"] == w["participants"]
         assert g["test"] == w["test"]
         for sid, ws in w["sites"].items():
             gs = g["sites"][sid]
             for key in ("participated", "train_loss", "val_dice", "val_loss", "epsilon", "steps", "num_samples"):
                 assert gs[key] == ws[key], (g["round"], sid, key)
-    return run, sim
+    print(f"max |flower - simulation| over the global state: {max_diff}")
+    return max_diff
 
 
 @pytest.mark.slow
 def test_flower_fedavg_matches_simulation(tmp_path):
-    run, sim = _compare(dict(BASE), tmp_path)
+    run_config = flower.run_config_for(EXPERIMENT, "nonprivate")
+    run = flower.launch_local(3, run_config, work_dir=tmp_path / "flower", env=CHILD_ENV, timeout=900)
+    assert run.status == "finished:completed"
+    sim = _simulation(EXPERIMENT, "nonprivate")
+    _assert_same(run.global_state, run.history, sim)
     assert all(s["epsilon"] is None for s in run.history["rounds"][-1]["sites"].values())
     assert run.history["rounds"][-1]["test"]["dice"] is not None
 
 
 @pytest.mark.slow
-def test_flower_dp_sgd_sites_match_simulation(tmp_path):
+def test_flower_backend_of_the_runner_dp_sgd_matches_simulation(tmp_path, monkeypatch):
+    """`fastdp run --set federated.backend="flower"`: the run folder the report reads, same numbers as in-process."""
+    from fastdp.experiment.runner import run_experiment
+
+    for k, v in CHILD_ENV.items():
+        monkeypatch.setenv(k, v)  # inherited by every Flower process the runner starts
     # Adam: its moments must survive between the ClientApp processes of round 1 and round 2.
-    cfg = {**BASE, "dp": True, "noise-multiplier": 1.0, "max-grad-norm": 1.0, "optimizer": "adam", "lr": 0.01}
-    run, sim = _compare(cfg, tmp_path)
-    last = run.history["rounds"][-1]["sites"]
+    cfg = EXPERIMENT.replace(
+        modes=["dp"],
+        out_dir=str(tmp_path / "run"),
+        **{"federated.optimizer": "adam", "federated.lr": 0.01, "federated.backend": "flower"},
+    )
+    run_dir = run_experiment(cfg, progress=False, report=True)
+    assert (run_dir / "report.md").exists() and (run_dir / "dp" / "history.csv").exists()
+    global_state = torch.load(run_dir / "dp" / "global_model.pt", weights_only=True)
+    history = json.loads((run_dir / "dp" / "history.json").read_text())
+    # The in-process run of the same config differs only in the backend it names.
+    sim = _simulation(cfg.replace(**{"federated.backend": "simulation"}), "dp")
+    sim.history.config["federated"]["backend"] = "flower"
+    _assert_same(global_state, history, sim)
+    last = history["rounds"][-1]["sites"]
     assert all(0 < s["epsilon"] < math.inf for s in last.values())
     # Every site kept its own state file; its accountant counts both rounds' steps.
-    files = sorted((tmp_path / "flower" / "state").glob("run-*/*.pt"))
+    files = sorted((run_dir / "dp" / "flower" / "state").glob("run-*/*.pt"))
     assert [f.stem for f in files] == sorted(last)
     for f in files:
         state = torch.load(f, weights_only=False)
-        assert sum(n for _, _, n in state["engine"]["accountant"]["history"]) == 2 * cfg["local-steps"]
+        assert sum(n for _, _, n in state["engine"]["accountant"]["history"]) == 2 * cfg.federated.local_steps
 
 
 # --- the pieces, without processes ------------------------------------------------------------
 
 
+def _context(run_config: dict, partition_id: int, run_id: int = 7) -> SimpleNamespace:
+    # What open_site reads of a Flower Context.
+    return SimpleNamespace(run_id=run_id, node_config={"partition-id": partition_id}, run_config=run_config)
+
+
 def test_records_round_trip_exactly():
-    state = flower.build_model_fn(BASE)().state_dict()
+    state = model_factory(EXPERIMENT)().state_dict()
     back = flower.record_to_state(flower.state_to_record(state))
     assert list(back) == list(state)
     for k, v in state.items():
@@ -91,47 +130,75 @@ def test_records_round_trip_exactly():
 
 
 def test_update_content_round_trip():
-    site = flower.build_site(BASE, 1)
-    g0 = flower.build_simulation(BASE, progress=False).global_state
-    update = site.local_update(g0, round=1)
-    back = flower._update_from_content(flower._update_content(update, site), site.site_id)
+    run = find_run(EXPERIMENT, "dp")
+    site = build_site(EXPERIMENT, run, build_data(EXPERIMENT.data, EXPERIMENT.seed), 1)
+    update = site.local_update(initial_global_state(model_factory(EXPERIMENT), EXPERIMENT.seed), round=1)
+    back = flower.update_from_content(flower.update_to_content(update, site), site.site_id)
     assert isinstance(back, SiteUpdate) and back.site_id == update.site_id
     assert (back.num_samples, back.steps, back.epsilon) == (update.num_samples, update.steps, update.epsilon)
     assert back.train_loss == update.train_loss
     assert all(torch.equal(back.delta[k], update.delta[k]) for k in update.delta)
+    with pytest.raises(ValueError, match="where 'site_a' was asked"):
+        flower.update_from_content(flower.update_to_content(update, site), "site_a")
 
 
-def test_build_site_is_deterministic_and_matches_the_simulation():
-    sim = flower.build_simulation(BASE, progress=False)
-    for k, sid in enumerate(sim.sites):
-        site = flower.build_site(BASE, k)
-        assert site.site_id == sid and repr(site) == repr(sim.sites[sid])
-        assert torch.equal(site.generator.get_state(), sim.sites[sid].generator.get_state())
+@pytest.mark.parametrize("label", ["nonprivate", "dp"])
+def test_partition_id_picks_the_simulations_site_on_build_datas_data(tmp_path, label):
+    run_config = flower.run_config_for(EXPERIMENT, label, state_dir=str(tmp_path))
+    sim = build_simulation(EXPERIMENT, find_run(EXPERIMENT, label), build_data(EXPERIMENT.data, EXPERIMENT.seed))
+    data = build_data(EXPERIMENT.data, EXPERIMENT.seed)
+    for k, sid in enumerate(EXPERIMENT.data.sites):
+        site = flower.open_site(_context(run_config, k))
+        want = sim.sites[sid]
+        assert site.site_id == sid and repr(site) == repr(want)
+        assert torch.equal(site.generator.get_state(), want.generator.get_state())
+        assert (site.dp is None) == (label == "nonprivate") and site.dp == want.dp
+        assert site.state_path == tmp_path / "run-7" / f"{sid}.pt"
+        for mine, theirs in ((site.train_data, data.train[sid]), (site.val_data, data.val[sid])):
+            assert len(mine) == len(theirs)
+            for i in (0, len(theirs) - 1):
+                assert all(torch.equal(a, b) for a, b in zip(mine[i], theirs[i], strict=True))
+    with pytest.raises(ValueError, match="site index 3 out of range"):
+        flower.open_site(_context(run_config, 3))
 
 
 def test_run_config_is_checked():
+    good = flower.run_config_for(EXPERIMENT, "dp")
+    assert flower.resolve_config(good) == good and good["num-sites"] == 3
+    exp, run = flower.load_experiment(good)
+    assert exp == EXPERIMENT and run == find_run(EXPERIMENT, "dp")
     with pytest.raises(ValueError, match="unknown run config key"):
-        flower.resolve_config({"round": 2})
-    with pytest.raises(ValueError, match="expected int"):
-        flower.resolve_config({"rounds": "2"})
-    with pytest.raises(ValueError, match="partition-id 3 out of range"):
-        flower.build_site(BASE, 3)
-    with pytest.raises(ValueError, match="strategy"):
-        flower.build_strategy({"strategy": "fedsgd"})
-    assert flower.resolve_config({"lr": 1})["lr"] == 1.0
+        flower.resolve_config({**good, "rounds": 2})
+    with pytest.raises(ValueError, match="expected float"):
+        flower.resolve_config({**good, "node-wait-s": "2"})
+    with pytest.raises(ValueError, match="'experiment' is required"):
+        flower.resolve_config({"run": "dp"})
+    with pytest.raises(ValueError, match="'run' is required"):
+        flower.resolve_config({"experiment": good["experiment"]})
+    with pytest.raises(ValueError, match="not a run of this config"):
+        flower.resolve_config({**good, "run": "centralised"})
+    with pytest.raises(ValueError, match="federated.rounds"):
+        flower.resolve_config({**good, "experiment": good["experiment"].replace("rounds = 2", "rounds = -1")})
+    with pytest.raises(ValueError, match="'num-sites' = 2, but run 'dp' has 3"):
+        flower.run_config_for(EXPERIMENT, "dp", num_sites=2)
+    with pytest.raises(ValueError, match="must be > 0"):
+        flower.run_config_for(EXPERIMENT, "dp", round_timeout_s=0)
+    assert flower.resolve_config({**good, "node-wait-s": 5})["node-wait-s"] == 5.0
+    pooled = flower.run_config_for(EXPERIMENT.replace(modes=["centralised"]), "centralised")
+    assert pooled["num-sites"] == 1
 
 
 def test_written_app_passes_flowers_checks(tmp_path):
     from flwr.common.config import validate_config
 
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
+    from fastdp.experiment import tomlio
 
-    app = flower.write_app(tmp_path / "app", {**BASE, "dp": True, "out-dir": "/x y/out"})
-    config = tomllib.loads((app / "pyproject.toml").read_text())
+    cfg = EXPERIMENT.replace(name='it\'s "quoted" ü')
+    app = flower.write_app(tmp_path / "app", flower.run_config_for(cfg, "dp", out_dir="/x y/out"))
+    config = tomlio.loads((app / "pyproject.toml").read_text())
     ok, errors, _ = validate_config(config, check_module=True, project_dir=app)
     assert ok, errors
     run_config = config["tool"]["flwr"]["app"]["config"]
-    assert flower.resolve_config(run_config)["out-dir"] == "/x y/out" and run_config["dp"] is True
+    assert run_config["experiment"] == cfg.to_toml()  # the multi-line experiment text survives exactly
+    resolved = flower.resolve_config(run_config)
+    assert resolved["out-dir"] == "/x y/out" and flower.load_experiment(resolved)[0] == cfg
