@@ -44,6 +44,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--restarts", type=int, default=1)
     ap.add_argument("--objective", choices=["cosine", "l2"], default="cosine")
     ap.add_argument("--optimizer", choices=["adam", "lbfgs"], default="adam")
+    ap.add_argument("--noise-std", type=float, default=0.0, help="pixel noise added to candidates (0: off)")
     ap.add_argument("--unknown-mask", action="store_true", help="optimise the mask jointly")
     ap.add_argument("--local-steps", type=int, default=1, help="site's local SGD steps (unrolled by the attack)")
     ap.add_argument("--local-lr", type=float, default=0.1)
@@ -83,7 +84,7 @@ def main(argv=None) -> dict:
             known_mask=not args.unknown_mask,
             local_steps=args.local_steps,
             local_lr=args.local_lr,
-            attack={"objective": args.objective, "optimizer": args.optimizer},
+            attack={"objective": args.objective, "optimizer": args.optimizer, "noise_std": args.noise_std},
             mode=args.mode,
             references=args.references,
             top_k=args.top_k,

@@ -342,6 +342,7 @@ def invert_gradients(
     criterion: Criterion = soft_dice_ce,
     prior: PCAImagePrior | None = None,
     prior_weight: float = 0.0,
+    noise_std: float = 0.0,
     seed: int = 0,
     log_every: int = 100,
     callback: Callable[[int, int, float], None] | None = None,
@@ -379,6 +380,10 @@ def invert_gradients(
         prior: search images as ``prior.decode(z)`` (a :class:`PCAImagePrior`) instead of pixels;
             the start is the prior's mean (restart 0) or a random draw from it (later restarts).
         prior_weight: weight of ``mean(z**2)`` (a Gaussian prior on the coefficients).
+        noise_std: add fresh Gaussian pixel noise of this std to the candidate before every
+            gradient simulation, so the search explains the gradient with a clean image plus
+            scanner-like noise instead of fitting one noise pattern (0: off). The returned image
+            is the clean one.
         seed: seeds the starting points.
         log_every: history sampling interval (iterations).
         callback: called as ``callback(restart, iteration, objective)`` every ``log_every``.
@@ -441,10 +446,11 @@ def invert_gradients(
         def objective_fn(x=x, variables=variables):
             probs = mask_probs if known else variables[1].softmax(1)
             images = to_images(x)
+            seen = images + noise_std * torch.randn_like(images) if noise_std else images
             cand = simulate_update(
                 model,
                 params,
-                images,
+                seen,
                 probs,
                 local_steps=local_steps if unroll else 1,
                 local_lr=local_lr,
