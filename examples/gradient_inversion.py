@@ -44,7 +44,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--restarts", type=int, default=1)
     ap.add_argument("--objective", choices=["cosine", "l2"], default="cosine")
     ap.add_argument("--optimizer", choices=["adam", "lbfgs"], default="adam")
-    ap.add_argument("--noise-std", type=float, default=0.0, help="pixel noise added to candidates (0: off)")
+    ap.add_argument("--noise-std", type=float, default=0.05, help="pixel noise added to candidates (0: off)")
     ap.add_argument("--unknown-mask", action="store_true", help="optimise the mask jointly")
     ap.add_argument("--local-steps", type=int, default=1, help="site's local SGD steps (unrolled by the attack)")
     ap.add_argument("--local-lr", type=float, default=0.1)

@@ -143,6 +143,9 @@ DEFAULT_ATTACK = {
     "tv_weight": 0.1,
     "restarts": 1,
     "init": "random",
+    # Scanner-like pixel noise on the candidate: the one change that lifted the attack above the
+    # trivial guesses on unet_small (docs/attacks.md).
+    "noise_std": 0.05,
 }
 
 
@@ -248,7 +251,8 @@ def run_attack_experiment(
         known_mask: the attacker knows the masks; False optimises them jointly (soft logits).
         local_steps, local_lr: the site's local SGD; more than one step is attacked by unrolling.
         size, pretrain_steps: the phantom side and the pretraining when model/images are not given.
-        attack: further ``invert_gradients`` arguments (e.g. ``{"objective": "l2", "optimizer": "lbfgs"}``).
+        attack: further ``invert_gradients`` arguments over :data:`DEFAULT_ATTACK` (cosine objective,
+            signed Adam, ``noise_std=0.05``), e.g. ``{"objective": "l2", "optimizer": "lbfgs"}``.
         mode: ``"pixels"``: the pixel-space Inverting Gradients attack (``steps`` steps).
             ``"retrieval"``: for single-image updates, gradient-guided retrieval with a CT prior —
             the attacker ranks ``references`` public phantom slices (``site_b``, other patients and
