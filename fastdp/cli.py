@@ -165,12 +165,15 @@ def _cmd_attack(args: argparse.Namespace) -> int:
     cfg = _load(args)
     run_dir = Path(args.run_dir or cfg.out_dir)
     _logging(args.verbose)
-    model = Path(args.model) if args.model else run_dir / "nonprivate" / "global_model.pt"
-    if args.model and not model.is_file():
-        raise CLIError(f"--model {model}: no such file")
-    if not model.is_file():
-        logging.getLogger("fastdp").warning("no trained model at %s: attacking a freshly initialised one", model)
-        model = None
+    model = None  # attack.target = "round1": the initial global model, rebuilt from the seed
+    if args.model:
+        model = Path(args.model)
+        if not model.is_file():
+            raise CLIError(f"--model {model}: no such file")
+    elif cfg.attack.target == "final":
+        model = run_dir / "nonprivate" / "global_model.pt"
+        if not model.is_file():
+            raise CLIError(f"attack.target = 'final' but there is no trained model at {model}: run `fastdp run` first")
     import torch
 
     torch.set_num_threads(cfg.threads)
@@ -314,7 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument("--run-dir", help="run folder (default: the config's out_dir)")
-    p.add_argument("--model", help="state_dict to attack (default: RUN_DIR/nonprivate/global_model.pt)")
+    p.add_argument(
+        "--model",
+        help="state_dict to attack (default: attack.target: the round-1 model, or RUN_DIR/nonprivate/global_model.pt)",
+    )
     p.add_argument("--verbose", "-v", action="store_true")
     p.set_defaults(func=_cmd_attack)
 

@@ -259,19 +259,24 @@ class AttackConfig:
         batch_sizes: batch sizes of the attacked update (the paper's point: 1 is easiest).
         sigmas: extra noise multipliers to attack besides the DP run's own (e.g. [0.01, 0.1]).
         known_mask: the attacker knows the segmentation mask (otherwise optimised jointly).
+        target: the model whose update is attacked: "round1" (the initial global model the
+            server sends in round 1: the update the server sees first, and the easiest to invert,
+            see docs/attacks.md) or "final" (the final non-private global model).
     """
 
     enabled: bool = True
     site: str | None = None
-    steps: int = 1000
+    steps: int = 300
     lr: float = 0.1
-    tv_weight: float = 0.1
+    tv_weight: float = 0.5
     restarts: int = 1
     batch_sizes: list[int] = field(default_factory=lambda: [1])
     sigmas: list[float] = field(default_factory=list)
     known_mask: bool = True
+    target: str = "round1"
 
     def validate(self, p: str) -> None:
+        _check(f"{p}.target", self.target in ("round1", "final"), "must be 'round1' or 'final'", self.target)
         _positive_int(f"{p}.steps", self.steps)
         _positive_float(f"{p}.lr", self.lr)
         _non_negative_float(f"{p}.tv_weight", self.tv_weight)

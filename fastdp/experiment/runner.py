@@ -161,15 +161,20 @@ def run_attack(
 ) -> dict:
     """Gradient inversion on one site's update, non-private and DP, of the same slices.
 
-    The attacked model is the final global model at ``model_path`` (a state_dict; None: a fresh
-    model). Calls ``fastdp.attacks.run_attack_experiment`` and writes its result dict (metrics
-    table, reconstruction-grid PNG path) to ``run_dir/attack/attack.json``; returns that dict.
+    The attacked model is the global model at ``model_path`` (a state_dict; None: the initial
+    global model of the runs, i.e. what every site receives in round 1, seeded by cfg.seed).
+    Calls ``fastdp.attacks.run_attack_experiment`` and writes its result dict (metrics table,
+    reconstruction-grid PNG paths) to ``run_dir/attack/attack.json``; returns that dict.
     """
     attack = _attack_entry()
     make_model = model_factory(cfg)
     model = make_model()
     if model_path is not None:
         model.load_state_dict(torch.load(model_path, map_location="cpu"))
+    else:
+        from fastdp.federated import initial_global_state
+
+        model.load_state_dict(initial_global_state(make_model, cfg.seed))
     site = cfg.attack.site or cfg.data.sites[0]
     train = data.train[site]
     n = max(cfg.attack.batch_sizes)
@@ -267,9 +272,11 @@ def run_experiment(
         models[run.label] = run_mode(cfg, run, data, run_dir, progress=progress)
         log.info("run %s done in %.1f s", run.label, time.perf_counter() - t0)
     if cfg.attack.enabled:
-        # The attacker's model: the non-private global model if there is one (the paper attacks
-        # a trained network), else the first run's.
-        model_path = models.get("nonprivate") or next((p for p in models.values() if p is not None), None)
+        # The attacked update is computed from the round-1 global model (what the server sends
+        # first, the same in every run) or from the final non-private global model.
+        model_path = None
+        if cfg.attack.target == "final":
+            model_path = models.get("nonprivate") or next((p for p in models.values() if p is not None), None)
         try:
             run_attack(cfg, data, run_dir, model_path, progress=progress)
         except Exception as exc:  # the report shows the failure; training results stay
