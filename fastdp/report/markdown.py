@@ -126,7 +126,11 @@ def load_attack_results(run_dir: str | Path) -> tuple[dict | None, Path | None]:
 def _resolve_image(ref: str, bases: list[Path], run_dir: Path, plots_dir: Path) -> Path | None:
     """The image inside run_dir (copied into plots/ when it lives elsewhere), or None if not found."""
     p = Path(ref)
-    found = p if p.is_absolute() and p.is_file() else next((b / p for b in bases if (b / p).is_file()), None)
+    # As written (absolute, or relative to the working directory the attack ran in), relative to
+    # the attack's folder or the run folder, or by file name next to the attack's JSON: a run
+    # folder that was moved still finds its grids.
+    candidates = [p] + [b / p for b in bases] + [b / p.name for b in bases]
+    found = next((c for c in candidates if c.is_file()), None)
     if found is None:
         return None
     found = found.resolve()

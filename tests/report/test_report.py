@@ -163,3 +163,13 @@ def test_attack_results_of_fastdp_attacks_experiment(run_dir):
     assert "| 1 | 0.760 | 9.100 | 20.000 | 0.010 | 6.000 | grey | 0.120 | -0.110 |" in text
     assert "![attack reconstructions](attack/attack_B1.png)" in text
     assert "- seconds: 41.000" in text
+
+
+def test_attack_grid_found_by_name_when_written_relative_to_another_directory(run_dir):
+    """run_attack_experiment records PNG paths relative to the working directory of the run."""
+    (run_dir / "attack").mkdir()
+    (run_dir / "attack" / "attack_B1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(16))
+    result = {"runs": [], "pngs": ["runs/elsewhere/attack/attack_B1.png"]}
+    text = write_report(run_dir, result, plots=False).read_text()
+    assert "![attack reconstructions](attack/attack_B1.png)" in text
+    assert "not found" not in text
