@@ -252,7 +252,7 @@ def write_report(
     lines += ["## Sites", "", markdown_table(_site_rows(summaries))]
     if attack:
         bases = [Path(attack_dir)] if attack_dir is not None else []
-        lines += _attack_section(attack, [*bases, run_dir], run_dir, plots_dir, run_dir)
+        lines += _attack_section(attack, [*bases, run_dir, run_dir / "attack"], run_dir, plots_dir, run_dir)
     lines += ["## Files", ""]
     for run in runs:
         rel = run.path.parent.relative_to(run_dir).as_posix() if run.path.parent != run_dir else "."
