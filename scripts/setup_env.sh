@@ -15,5 +15,5 @@ $PIP install -q "torch==${FASTDP_TORCH_VERSION:-2.13.0}"
 $PIP install -q setuptools wheel ninja numpy
 echo "[fastdp] building the compiled core (first build takes about a minute)"
 # --no-build-isolation: compile against the torch installed above, not a fresh download.
-$PIP install -q --no-build-isolation -e ".[test,data,dev]"
+$PIP install -q --no-build-isolation -e ".[test,data,dev,flower]"
 .venv/bin/python -c "import fastdp; assert fastdp.compiled_available(), fastdp.compiled_error(); print('[fastdp] compiled core OK')"
