@@ -111,6 +111,9 @@ class Site:
         batch_size: expected batch size; batches are Poisson-sampled with rate batch_size / N
             (for DP the accountant's analysis needs it; without DP the same batches keep runs comparable).
         local_steps: optimizer steps per round.
+        local_epochs: instead of local_steps, passes over the site's data per round (steps =
+            round(local_epochs * N / batch_size), at least 1; an epoch of Poisson batches sees N
+            samples on average).
         lr: local learning rate.
         optimizer: "adam", "sgd" or "sgdm" (SGD with momentum 0.9). Its state stays at the site.
         dp: DPConfig for DP-SGD, None for non-private training.
@@ -132,6 +135,7 @@ class Site:
         *,
         batch_size: int = 16,
         local_steps: int = 10,
+        local_epochs: float | None = None,
         lr: float = 1e-3,
         optimizer: str = "adam",
         dp: DPConfig | None = None,
@@ -145,6 +149,10 @@ class Site:
         n = len(train_data)  # type: ignore[arg-type]
         if n == 0:
             raise ValueError(f"site {site_id!r}: empty training set")
+        if local_epochs is not None:
+            if not local_epochs > 0:
+                raise ValueError(f"site {site_id!r}: local_epochs must be > 0, got {local_epochs}")
+            local_steps = max(1, round(local_epochs * n / max(1, batch_size)))
         if batch_size < 1 or local_steps < 1:
             raise ValueError(f"site {site_id!r}: batch_size and local_steps must be >= 1")
         if not lr > 0:

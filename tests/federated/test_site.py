@@ -134,3 +134,11 @@ def test_evaluate_reports_dice_and_loss():
     site = _site()
     m = site.evaluate(initial_global_state(tiny_unet, seed=1))
     assert set(m) == {"dice", "loss"} and 0.0 <= m["dice"] <= 1.0 and m["loss"] > 0
+
+
+def test_local_epochs_set_the_steps_per_round():
+    site = _site(local_epochs=2.0)  # 40 slices, batch 8: 5 steps per epoch
+    assert site.local_steps == 10
+    assert site.local_update(initial_global_state(tiny_unet, seed=1)).steps == 10
+    with pytest.raises(ValueError, match="local_epochs"):
+        _site(local_epochs=0)
