@@ -84,7 +84,9 @@ def _summary_rows(summaries: list[ModeSummary]) -> list[dict]:
 
 
 def _phase_rows(summaries: list[ModeSummary]) -> list[dict]:
-    base = next((s for s in summaries if s.label == "nonprivate" or s.mode == "nonprivate"), None)
+    base = next((s for s in summaries if s.label == "nonprivate"), None) or next(
+        (s for s in summaries if s.mode == "nonprivate" and s.label != "centralised"), None
+    )
     rows = []
     for s in summaries:
         row = {"run": s.label}

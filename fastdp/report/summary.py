@@ -190,7 +190,9 @@ def summarize(run: RunHistory) -> ModeSummary:
 def summarize_all(runs: list[RunHistory]) -> list[ModeSummary]:
     """Summaries of every run, with each run's round time relative to the non-private run."""
     out = [summarize(r) for r in runs]
-    base = next((s for s in out if s.label == "nonprivate" or s.mode == "nonprivate"), None)
+    base = next((s for s in out if s.label == "nonprivate"), None) or next(
+        (s for s in out if s.mode == "nonprivate" and s.label != "centralised"), None
+    )
     if base is not None and base.mean_round_s:
         for s in out:
             if s is not base and s.mean_round_s is not None:
