@@ -309,8 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "attack",
         help="gradient inversion on a site's update, non-private vs DP",
-        description="Attacks one site's update (non-private and with the DP run's noise) computed on the trained "
-        "non-private global model of RUN_DIR, and writes RUN_DIR/attack/ (and the report if RUN_DIR has runs).",
+        description="Attacks one site's update (non-private and with the DP run's noise), computed from the "
+        "round-1 global model (attack.target = 'round1', the default) or from RUN_DIR's trained non-private global "
+        "model (attack.target = 'final'), and writes RUN_DIR/attack/ (and the report if RUN_DIR has runs).",
         epilog="examples:\n  fastdp attack                       # the demo's run folder runs/demo\n"
         "  fastdp attack configs/demo.toml --set attack.steps=500 --set attack.batch_sizes=[1,4]",
         formatter_class=_Formatter,
