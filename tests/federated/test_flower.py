@@ -90,10 +90,19 @@ def test_flower_backend_of_the_runner_dp_sgd_matches_simulation(tmp_path, monkey
     for k, v in CHILD_ENV.items():
         monkeypatch.setenv(k, v)  # inherited by every Flower process the runner starts
     # Adam: its moments must survive between the ClientApp processes of round 1 and round 2.
+    # DP-FedAvg with 2 of 3 sites per round on average: Poisson site selection, server clipping,
+    # server noise and the server's accountant also run through Flower (on top of DP-SGD at the sites).
     cfg = EXPERIMENT.replace(
         modes=["dp"],
         out_dir=str(tmp_path / "run"),
-        **{"federated.optimizer": "adam", "federated.lr": 0.01, "federated.backend": "flower"},
+        **{
+            "federated.optimizer": "adam",
+            "federated.lr": 0.01,
+            "federated.backend": "flower",
+            "federated.strategy": "dp-fedavg",
+            "federated.sites_per_round": 2,
+            "federated.server_clip_norm": 0.05,
+        },
     )
     run_dir = run_experiment(cfg, progress=False, report=True)
     assert (run_dir / "report.md").exists() and (run_dir / "dp" / "history.csv").exists()
@@ -103,14 +112,20 @@ def test_flower_backend_of_the_runner_dp_sgd_matches_simulation(tmp_path, monkey
     sim = _simulation(cfg.replace(**{"federated.backend": "simulation"}), "dp")
     sim.history.config["federated"]["backend"] = "flower"
     _assert_same(global_state, history, sim)
+    assert history["mode"] == "dp-fedavg"
+    server_eps = [r["server_epsilon"] for r in history["rounds"]]
+    assert server_eps == [r["server_epsilon"] for r in sim.history.to_dict()["rounds"]]
+    assert 0 < server_eps[0] < server_eps[1]
     last = history["rounds"][-1]["sites"]
-    assert all(0 < s["epsilon"] < math.inf for s in last.values())
-    # Every site kept its own state file; its accountant counts both rounds' steps.
+    assert all(0 < s["epsilon"] < math.inf for s in last.values() if s["steps"])
+    # Every site that trained kept its own state file; its accountant counts the steps of the rounds it took part in.
+    rounds_in = {sid: sum(r["sites"][sid]["participated"] for r in history["rounds"]) for sid in last}
     files = sorted((run_dir / "dp" / "flower" / "state").glob("run-*/*.pt"))
-    assert [f.stem for f in files] == sorted(last)
+    assert [f.stem for f in files] == sorted(sid for sid, n in rounds_in.items() if n)
     for f in files:
         state = torch.load(f, weights_only=False)
-        assert sum(n for _, _, n in state["engine"]["accountant"]["history"]) == 2 * cfg.federated.local_steps
+        steps = sum(n for _, _, n in state["engine"]["accountant"]["history"])
+        assert steps == rounds_in[f.stem] * cfg.federated.local_steps
 
 
 # --- the pieces, without processes ------------------------------------------------------------
