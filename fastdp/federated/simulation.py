@@ -175,7 +175,8 @@ class Simulation:
         if self.progress:
             print(msg, file=sys.stderr, flush=True)
 
-    def _local_phase(self, round: int, record: dict) -> list:
+    def _select_sites(self, round: int, record: dict) -> list[str]:
+        """Drops the sites whose next round would pass their budget, then lets the strategy choose."""
         available = []
         for sid, s in self.sites.items():
             if sid in self.stopped_budget:
@@ -187,8 +188,11 @@ class Simulation:
                 continue
             available.append(sid)
         record["stopped_budget"] = list(self.stopped_budget)
-        selected = self.strategy.select(available, round, self.generator)
         record["participants"] = []
+        return self.strategy.select(available, round, self.generator)
+
+    def _local_phase(self, round: int, record: dict) -> list:
+        selected = self._select_sites(round, record)
         config = self.strategy.site_config(round)
         updates = []
         for sid in selected:

@@ -109,20 +109,8 @@ class FlowerSimulation(Simulation):
         return make
 
     def _local_phase(self, round: int, record: dict) -> list:
-        # Same budget check and selection as Simulation._local_phase, on the sites' reported status.
-        available = []
-        for sid, s in self.sites.items():
-            if sid in self.stopped_budget:
-                continue
-            if not s.within_budget():
-                self.stopped_budget.append(sid)
-                log.warning("site %s stops: the next round would pass its epsilon budget %s", sid, s.dp.epsilon_budget)
-                self._say(f"  site {sid} stops taking part: epsilon budget {s.dp.epsilon_budget} reached")
-                continue
-            available.append(sid)
-        record["stopped_budget"] = list(self.stopped_budget)
-        selected = self.strategy.select(available, round, self.generator)
-        record["participants"] = []
+        # The same budget check and selection as Simulation, on the sites' reported status.
+        selected = self._select_sites(round, record)
         config = {**self.strategy.site_config(round), "round": round}
         t0 = time.perf_counter()
         replies = self._ask(selected, "train", self._global_content(config), round)
