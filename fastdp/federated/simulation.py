@@ -227,12 +227,16 @@ class Simulation:
             metrics = s.evaluate(self.global_state)
             record["sites"][sid]["val_dice"] = metrics.get("dice")
             record["sites"][sid]["val_loss"] = metrics.get("loss")
-        if self.test_data is not None:
-            if self._test_model is None:
-                self._test_model = self.model_fn().to(self.device)
-            record["test"] = evaluate_model(
-                self._test_model, self.global_state, self.test_data, self.criterion, self.device
-            )
+        self._evaluate_test(record)
+
+    def _evaluate_test(self, record: dict) -> None:
+        """Dice and loss of the global model on the held-out test set, at the server."""
+        if self.test_data is None:
+            return
+        if self._test_model is None:
+            self._test_model = self.model_fn().to(self.device)
+        model, data = self._test_model, self.test_data
+        record["test"] = evaluate_model(model, self.global_state, data, self.criterion, self.device)
 
     def run_round(self, round: int) -> dict:
         """One round; returns its history record (also appended to self.history)."""

@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 
 from fastdp.federated.flower.records import state_to_record, update_from_content
 from fastdp.federated.simulation import Simulation
-from fastdp.federated.site import DPConfig, evaluate_model
+from fastdp.federated.site import DPConfig
 from fastdp.federated.strategies import Strategy
 
 __all__ = ["FlowerSimulation", "RemoteSite"]
@@ -157,9 +157,4 @@ class FlowerSimulation(Simulation):
             metrics = {} if reply is None or reply.has_error() else dict(reply.content["metrics"])
             record["sites"][sid]["val_dice"] = metrics.get("dice")
             record["sites"][sid]["val_loss"] = metrics.get("loss")
-        if self.test_data is not None:
-            if self._test_model is None:
-                self._test_model = self.model_fn().to(self.device)
-            record["test"] = evaluate_model(
-                self._test_model, self.global_state, self.test_data, self.criterion, self.device
-            )
+        self._evaluate_test(record)
