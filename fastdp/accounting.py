@@ -176,8 +176,20 @@ class Accountant:
         return {"mechanism": self.mechanism, "history": [list(h) for h in self.history]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.mechanism = _check_mechanism(state["mechanism"])
-        self.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+        """Restores state_dict(); ValueError when an entry is not (sigma >= 0, q in (0, 1], steps >= 0)."""
+        mechanism = _check_mechanism(state["mechanism"])
+        history = []
+        for entry in state["history"]:
+            if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+                raise ValueError(f"accountant history entry {entry!r} is not (noise_multiplier, sample_rate, steps)")
+            s, q, n = entry
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"accountant history entry {entry!r}: steps must be an integer >= 0")
+            s, q = float(s), float(q)
+            if not (math.isfinite(s) and s >= 0 and 0 < q <= 1):
+                raise ValueError(f"accountant history entry {entry!r}: needs sigma >= 0 and 0 < q <= 1")
+            history.append((s, q, n))
+        self.mechanism, self.history = mechanism, history
 
     def to_json(self) -> str:
         return json.dumps(self.state_dict())

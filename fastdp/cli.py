@@ -375,12 +375,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from fastdp.experiment import ConfigError
+    from fastdp.federated.simulation import FederationError
+    from fastdp.federated.state_files import StateFileError
 
     try:
         return int(args.func(args) or 0)
     except (CLIError, ConfigError) as exc:
         print(f"fastdp {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (StateFileError, FederationError) as exc:
+        print(f"fastdp {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except ImportError as exc:
         print(f"fastdp {args.command}: {exc}", file=sys.stderr)
         return 1

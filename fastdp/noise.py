@@ -13,6 +13,10 @@ import secrets
 from dataclasses import dataclass
 
 
+class ReproducibleNoiseWarning(UserWarning):
+    """DP noise derived from a known seed: whoever knows the seed can subtract it, so it is not private."""
+
+
 @dataclass
 class NoiseSource:
     """Hands out (seed, offset) pairs for the noise-drawing ops.
@@ -45,6 +49,11 @@ class NoiseSource:
         return {"seed": self.seed, "offset": self.offset, "secure_mode": self.secure_mode}
 
     def load_state_dict(self, state: dict) -> None:
-        self.seed = int(state["seed"])
-        self.offset = int(state["offset"])
+        """Restores state_dict(); ValueError when the seed or offset is not a non-negative integer."""
+        seed, offset = state["seed"], state["offset"]
+        for name, v in (("seed", seed), ("offset", offset)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"noise state {name!r} must be an integer >= 0, got {v!r}")
+        self.seed = seed & ((1 << 63) - 1)
+        self.offset = offset
         self.secure_mode = bool(state["secure_mode"])

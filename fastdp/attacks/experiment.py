@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fastdp.attacks.inversion import invert_gradients, rank_references
+from fastdp.noise import ReproducibleNoiseWarning
 
 
 def pretrain(
@@ -118,20 +120,28 @@ def federated_site_update(
         from fastdp.federated import DPConfig, Site
     except ImportError:
         return None
-    dp = None if noise_multiplier is None else DPConfig(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm)
-    site = Site(
-        "attacked",
-        TensorDataset(images, masks),
-        None,
-        lambda: copy.deepcopy(model),
-        batch_size=images.shape[0],
-        local_steps=local_steps,
-        lr=lr,
-        optimizer="sgd",
-        dp=dp,
-        seed=seed,
-        planned_rounds=1,
+    # Seeded noise keeps the attack experiment repeatable; the attack never uses the seed, so this
+    # does not help it (a deployed site draws its seed from the CSPRNG, docs/privacy.md).
+    dp = (
+        None
+        if noise_multiplier is None
+        else DPConfig(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, reproducible_noise=True)
     )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ReproducibleNoiseWarning)
+        site = Site(
+            "attacked",
+            TensorDataset(images, masks),
+            None,
+            lambda: copy.deepcopy(model),
+            batch_size=images.shape[0],
+            local_steps=local_steps,
+            lr=lr,
+            optimizer="sgd",
+            dp=dp,
+            seed=seed,
+            planned_rounds=1,
+        )
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return dict(site.local_update(global_state, 1).delta)
 

@@ -3,7 +3,8 @@
 Both training backends use these builders: the in-process :class:`fastdp.federated.Simulation`
 (:func:`build_simulation`) and the Flower deployment (:mod:`fastdp.federated.flower`, whose
 ClientApp calls :func:`build_site` with its SuperNode's partition id and whose ServerApp calls
-:func:`build_strategy` and :func:`simulation_options`). Everything is deterministic in
+:func:`build_strategy` and :func:`simulation_options`). Everything but a DP site's noise
+and sampling seeds (from the OS CSPRNG unless dp.reproducible_noise) is deterministic in
 (config, run, site index), so the two backends train identical Sites.
 
     cfg = load_config("configs/demo.toml")
@@ -131,6 +132,7 @@ def _site_dp(cfg: ExperimentConfig, run: RunSpec, site: str, federated):
         delta=dp.delta,
         epsilon_budget=dp.budget_for(site),
         accountant=dp.accountant,
+        reproducible_noise=dp.reproducible_noise,
     )
 
 
@@ -151,7 +153,8 @@ def build_strategy(cfg: ExperimentConfig, run: RunSpec):
             num_sites=n_sites,
             delta=cfg.dp.delta,
             accountant=cfg.dp.accountant,
-            seed=cfg.seed,
+            # None: the server noise comes from the OS CSPRNG, unpredictable to anyone reading the config.
+            seed=cfg.seed if cfg.dp.reproducible_noise else None,
         )
     if fed.strategy == "fedprox":
         return federated.FedProx(mu=fed.fedprox_mu, fraction_fit=fraction)
@@ -168,8 +171,10 @@ def build_site(
 ):
     """Site number ``index`` (0-based, in ``cfg.data.sites`` order) of the run, on ``data`` from build_data.
 
-    Deterministic in (cfg, run, index): a Flower SuperNode with partition-id ``index`` builds the
-    same Site (data, sampling and noise seeds, sigma) as the in-process Simulation.
+    Deterministic in (cfg, run, index) except for a DP site's noise and sampling seeds, which come
+    from the OS CSPRNG (dp.reproducible_noise derives them from the config, for tests): a Flower
+    SuperNode with partition-id ``index`` builds the same Site (data, sigma, and with reproducible
+    noise the same seeds) as the in-process Simulation.
     """
     federated = federated_module()
     n = num_sites(cfg, run)
@@ -225,6 +230,7 @@ def simulation_options(cfg: ExperimentConfig, run: RunSpec, data: ExperimentData
         seed=cfg.seed,
         config=history_config(cfg, run),
         device=device,
+        max_update_norm=cfg.federated.max_update_norm or None,
     )
 
 

@@ -153,6 +153,9 @@ class FederatedConfig:
         fedprox_mu: FedProx proximal weight.
         server_clip_norm: DP-FedAvg: each site update is clipped to this L2 norm.
         server_noise_multiplier: DP-FedAvg: noise std at the server is this times the clip norm.
+        max_update_norm: FedAvg / FedProx: the server rejects a site update whose L2 norm is above
+            this (a site cannot move the global model arbitrarily far; 0 turns the bound off).
+            Ignored under DP-FedAvg, whose clipping to ``server_clip_norm`` bounds every update.
         backend: ``"simulation"`` (every site in this process, checkpointed, resumable) or
             ``"flower"`` (a Flower SuperLink and one SuperNode per site as separate processes on
             127.0.0.1, via :func:`fastdp.federated.flower.launch_local`; needs ``fastdp[flower]``).
@@ -169,6 +172,7 @@ class FederatedConfig:
     fedprox_mu: float = 0.01
     server_clip_norm: float = 1.0
     server_noise_multiplier: float = 1.0
+    max_update_norm: float = 100.0
     backend: str = "simulation"
 
     def validate(self, p: str) -> None:
@@ -183,6 +187,7 @@ class FederatedConfig:
         _non_negative_float(f"{p}.fedprox_mu", self.fedprox_mu)
         _positive_float(f"{p}.server_clip_norm", self.server_clip_norm)
         _non_negative_float(f"{p}.server_noise_multiplier", self.server_noise_multiplier)
+        _non_negative_float(f"{p}.max_update_norm", self.max_update_norm)
         _choice(f"{p}.backend", self.backend, BACKENDS)
 
 
@@ -205,6 +210,10 @@ class DPConfig:
         accountant: ``"rdp"`` or ``"pld"``.
         epsilon_sweep: when not empty, the "dp" mode runs once per target epsilon here
             (a privacy-utility curve); the run folders are ``dp_eps<epsilon>``.
+        reproducible_noise: derive every DP site's noise and sampling seeds (and the DP-FedAvg
+            server's noise seed) from ``seed``, for bit-exact tests. Anyone who knows the config
+            (the server writes it) can then regenerate and subtract the noise: the run is NOT
+            private, warns, and its report says so. Default false: seeds from the OS CSPRNG.
     """
 
     enabled: bool = True
@@ -215,6 +224,7 @@ class DPConfig:
     epsilon_budget: float | dict[str, float] | None = None
     accountant: str = "rdp"
     epsilon_sweep: list[float] = field(default_factory=list)
+    reproducible_noise: bool = False
 
     def validate(self, p: str) -> None:
         if self.noise_multiplier is not None and self.target_epsilon is not None:

@@ -97,7 +97,7 @@ def run_mode(
         out_dir=out,
         progress=progress,
     )
-    simulation.run(resume=True)
+    simulation.run(resume=True)  # FederationError when no site ever contributed: no model is written
     path = out / "global_model.pt"
     tmp = path.with_name(path.name + ".tmp")
     torch.save({k: v.detach().cpu() for k, v in simulation.global_state.items()}, tmp)
@@ -170,7 +170,13 @@ def run_attack(
     make_model = model_factory(cfg)
     model = make_model()
     if model_path is not None:
-        model.load_state_dict(torch.load(model_path, map_location="cpu"))
+        from fastdp.federated.state_files import StateFileError, check_model_state
+
+        try:
+            state = torch.load(model_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise StateFileError(f"global model {model_path} cannot be read safely: {type(exc).__name__}") from None
+        model.load_state_dict(check_model_state(state, model.state_dict(), model_path, "global model"))
     else:
         from fastdp.federated import initial_global_state
 

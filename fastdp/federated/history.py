@@ -46,18 +46,29 @@ class History:
     "participants", "rejected": [{"site", "reason"}], "failed": [{"site", "error"}], "stopped_budget",
     "test": {"dice", "loss"} | None, "server_epsilon", "sites": {id: {"participated", "train_loss",
     "val_dice", "val_loss", "epsilon", "steps", "num_samples", "local_s"}}}. Times in seconds.
+    A DP site's train_loss is null: it does not release it (docs/privacy.md).
+
+    privacy: {"private": whether every DP release of the run is covered by its guarantee,
+    "not_private_reasons": [...], "site_noise": {id: "os-csprng" | "reproducible" | null},
+    "server_noise": "os-csprng" | "reproducible" | null, "releases": {id: [what the site sends]}}.
     """
 
     config: dict = field(default_factory=dict)
     mode: str = "nonprivate"
     rounds: list[dict] = field(default_factory=list)
+    privacy: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return _json_safe({"config": self.config, "mode": self.mode, "rounds": self.rounds})
+        return _json_safe({"config": self.config, "mode": self.mode, "privacy": self.privacy, "rounds": self.rounds})
 
     @classmethod
     def from_dict(cls, d: dict) -> History:
-        return cls(config=d.get("config", {}), mode=d.get("mode", "nonprivate"), rounds=list(d.get("rounds", [])))
+        return cls(
+            config=d.get("config", {}),
+            mode=d.get("mode", "nonprivate"),
+            rounds=list(d.get("rounds", [])),
+            privacy=dict(d.get("privacy", {})),
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> History:

@@ -1,9 +1,11 @@
 """In-process federated simulation: rounds of site selection, local training, screening, aggregation, evaluation.
 
-Deterministic for a seed (site sampling, batch sampling and DP noise all come from seeded
-generators); after every round the history is written and an atomic checkpoint holds the global
-model and every site's optimizer, accountant and RNG state, so a stopped run resumes to the same
-result as an uninterrupted one.
+Site selection and non-private batch sampling come from seeded generators; a DP site's noise and
+sampling come from the OS CSPRNG (reproducible only with DPConfig(reproducible_noise=True), which
+makes the run not private). After every round the history is written and an atomic checkpoint
+holds the global model and every site's optimizer, accountant, RNG and noise-stream state, so a
+stopped run resumes with its privacy spent intact (and, with reproducible noise, to the same
+result as an uninterrupted one). Checkpoints are read with weights_only=True and validated.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fastdp.accounting import PrivacyBudgetExceeded
-from fastdp.federated.atomic import atomic_torch_save
 from fastdp.federated.history import History
-from fastdp.federated.site import Site, evaluate_model, stable_seed
+from fastdp.federated.site import Site, evaluate_model, site_releases, stable_seed
+from fastdp.federated.state_files import StateFileError, check_finite, check_model_state, load_state, save_state
 from fastdp.federated.strategies import Strategy
 from fastdp.federated.validation import screen_updates
 from fastdp.models import dice_ce_criterion
@@ -32,12 +34,56 @@ log = logging.getLogger("fastdp.federated")
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
+class FederationError(RuntimeError):
+    """A federated run that produced no model: no site contributed an update in any round."""
+
+
+def privacy_summary(sites: dict, strategy: Strategy) -> dict:
+    """The History's "privacy" record: whose noise is private, what each site releases (docs/privacy.md)."""
+    site_noise, reasons = {}, []
+    for sid, s in sites.items():
+        private = getattr(s, "noise_is_private", None)
+        site_noise[sid] = None if private is None else ("os-csprng" if private else "reproducible")
+        if private is False:
+            reasons.append(f"site {sid}: dp.reproducible_noise is set (its noise can be regenerated from the config)")
+    server_noise = None
+    if strategy.epsilon() is not None:
+        server_noise = "reproducible" if getattr(strategy, "reproducible_noise", False) else "os-csprng"
+        if server_noise == "reproducible":
+            reasons.append("server: DP-FedAvg noise is seeded (reproducible)")
+    any_dp = any(v is not None for v in site_noise.values()) or server_noise is not None
+    if not any_dp:
+        reasons.append("no DP: no site trains with DP-SGD and the strategy adds no noise")
+    return {
+        "private": not reasons,
+        "not_private_reasons": reasons,
+        "site_noise": site_noise,
+        "server_noise": server_noise,
+        "releases": {sid: site_releases(s.engine is not None) for sid, s in sites.items()},
+    }
+
+
 def initial_global_state(model_fn: Callable[[], nn.Module], seed: int) -> dict[str, torch.Tensor]:
     """The starting global model's state_dict, initialised from `seed` without touching the global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(stable_seed("init", seed))
         model = model_fn()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def public_error(error: BaseException, dp: bool) -> str:
+    """How a site's failure is reported to the server: a DP site names only the error's type, because
+    its message may describe the private data (e.g. which samples gave a NaN loss)."""
+    if dp:
+        return f"{type(error).__name__} (details in the site's own log)"
+    return f"{type(error).__name__}: {error}"
+
+
+def update_note(update) -> str:
+    """Progress-line suffix "  loss L  epsilon E" (no loss from a DP site, no epsilon from a non-DP one)."""
+    loss = "" if update.train_loss is None else f"  loss {update.train_loss:.4f}"
+    eps = "" if update.epsilon is None else f"  epsilon {update.epsilon:.3f}"
+    return loss + eps
 
 
 def _fmt_seconds(s: float) -> str:
@@ -110,7 +156,11 @@ class Simulation:
         self.stopped_budget: list[str] = []
         if mode is None:
             mode = "dp-fedavg" if strategy.epsilon() is not None else ("dp-sgd" if self._any_dp() else "nonprivate")
-        self.history = History(config=dict(config or {}), mode=mode)
+        self.history = History(config=dict(config or {}), mode=mode, privacy=privacy_summary(self.sites, strategy))
+        for reason in self.history.privacy["not_private_reasons"]:
+            if "reproducible" in reason:
+                log.warning("this run is NOT private: %s", reason)
+                self._say(f"WARNING: this run is NOT private: {reason}")
         self.history.config.setdefault("strategy", strategy.describe())
         self.history.config.setdefault("sites", {s.site_id: repr(s) for s in sites})
         self._test_model = None
@@ -127,7 +177,7 @@ class Simulation:
         return None if self.checkpoint_dir is None else self.checkpoint_dir / CHECKPOINT_NAME
 
     def save_checkpoint(self, round: int) -> None:
-        """Atomic checkpoint of everything needed to continue after `round`."""
+        """Atomic checkpoint of everything needed to continue after `round` (tensors and plain values only)."""
         if self.checkpoint_path is None:
             return
         state = {
@@ -140,35 +190,56 @@ class Simulation:
             "stopped_budget": list(self.stopped_budget),
             "history": self.history.to_dict(),
         }
-        atomic_torch_save(state, self.checkpoint_path)
+        save_state(state, self.checkpoint_path)
 
     def load_checkpoint(self) -> int:
-        """Restores the state saved after a round; returns that round (0 if there is no checkpoint)."""
+        """Restores the state saved after a round; returns that round (0 if there is no checkpoint).
+
+        Raises StateFileError naming the file when it is unreadable, altered, or does not fit this run.
+        """
         path = self.checkpoint_path
         if path is None or not path.exists():
             return 0
-        state = torch.load(path, weights_only=False)
+        what = "checkpoint"
+        state = load_state(path, what)
+        keys = ("round", "site_ids", "global_state", "strategy", "sites", "selection_rng", "stopped_budget", "history")
+        if not isinstance(state, dict) or any(k not in state for k in keys):
+            raise StateFileError(f"{what} {path} lacks entries {[k for k in keys if k not in (state or {})]}")
         if state["site_ids"] != list(self.sites):
-            raise ValueError(f"checkpoint {path} is for sites {state['site_ids']}, this run has {list(self.sites)}")
-        self.global_state = state["global_state"]
-        self.strategy.load_state_dict(state["strategy"])
-        for sid, s in self.sites.items():
-            s.load_state_dict(state["sites"][sid])
+            raise StateFileError(f"{what} {path} is for sites {state['site_ids']}, this run has {list(self.sites)}")
+        global_state = check_model_state(state["global_state"], self.global_state, path, what)
+        check_finite(state["strategy"], path, what, "strategy")
+        try:
+            self.strategy.load_state_dict(state["strategy"])
+            for sid, s in self.sites.items():
+                s.load_state_dict(state["sites"][sid])
+            self.generator.set_state(state["selection_rng"])
+            history = History.from_dict(state["history"])
+            round_ = int(state["round"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise StateFileError(f"{what} {path}: {type(exc).__name__}: {exc}") from None
+        for s in self.sites.values():
             self._keep_newer_accounting(s)
-        self.generator.set_state(state["selection_rng"])
-        self.stopped_budget = list(state["stopped_budget"])
-        self.history = History.from_dict(state["history"])
-        return int(state["round"])
+        self.global_state = global_state
+        self.stopped_budget = [str(x) for x in state["stopped_budget"]]
+        self.history = history
+        self.history.privacy = privacy_summary(self.sites, self.strategy)
+        return round_
 
     def _keep_newer_accounting(self, site: Site) -> None:
         """A site saves its accountant before its update leaves it; if the run died after that but
         before the round's checkpoint, the site's file has spent more privacy: keep the larger."""
         if site.engine is None or site.state_path is None or not site.state_path.exists():
             return
-        own = torch.load(site.state_path, weights_only=False)["engine"]["accountant"]
-        if sum(n for _, _, n in own["history"]) > site.engine.accountant.steps:
+        own = load_state(site.state_path, "site state file")
+        try:
+            accountant = type(site.engine.accountant)()
+            accountant.load_state_dict(own["engine"]["accountant"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateFileError(f"site state file {site.state_path}: {type(exc).__name__}: {exc}") from None
+        if accountant.steps > site.engine.accountant.steps:
             log.warning("site %s: its own state has spent more privacy than the checkpoint; keeping it", site.site_id)
-            site.engine.accountant.load_state_dict(own)
+            site.engine.accountant.load_state_dict(accountant.state_dict())
 
     # --- one round -----------------------------------------------------------------------------
     def _say(self, msg: str) -> None:
@@ -205,9 +276,10 @@ class Simulation:
                 log.warning("site %s refused a step beyond its budget: %s", sid, e)
                 continue
             except Exception as e:  # a failing site must not stop the round
-                record["failed"].append({"site": sid, "error": f"{type(e).__name__}: {e}"})
                 log.error("site %s failed in round %d:\n%s", sid, round, traceback.format_exc())
-                self._say(f"  site {sid} FAILED: {type(e).__name__}: {e}")
+                error = public_error(e, dp=self.sites[sid].engine is not None)
+                record["failed"].append({"site": sid, "error": error})
+                self._say(f"  site {sid} FAILED: {error}")
                 continue
             dt = time.perf_counter() - t0
             record["participants"].append(sid)
@@ -218,8 +290,7 @@ class Simulation:
                 local_s=dt,
             )
             updates.append(update)
-            eps = "" if update.epsilon is None else f"  epsilon {update.epsilon:.3f}"
-            self._say(f"  site {sid}: {update.steps} steps in {dt:.1f} s  loss {update.train_loss:.4f}{eps}")
+            self._say(f"  site {sid}: {update.steps} steps in {dt:.1f} s{update_note(update)}")
         return updates
 
     def _evaluate(self, record: dict) -> None:
@@ -268,7 +339,14 @@ class Simulation:
         t_local = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        accepted, rejected = screen_updates(updates, self.global_state, self.max_update_norm, self.outlier_factor)
+        accepted, rejected = screen_updates(
+            updates,
+            self.global_state,
+            self.max_update_norm,
+            self.outlier_factor,
+            site_sizes={sid: s.num_samples for sid, s in self.sites.items()},
+            norm_screening=self.strategy.norm_screening,
+        )
         for r in rejected:
             log.warning("round %d: update of site %s rejected: %s", round, r["site"], r["reason"])
             self._say(f"  update of site {r['site']} REJECTED: {r['reason']}")
@@ -276,7 +354,15 @@ class Simulation:
                 record["sites"][r["site"]]["participated"] = False
         record["rejected"] = rejected
         record["participants"] = [u.site_id for u in accepted]
-        self.global_state = self.strategy.aggregate(self.global_state, accepted, round)
+        new_state = self.strategy.aggregate(self.global_state, accepted, round)
+        bad = [k for k, v in new_state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+        if bad:  # finite updates can still sum past the dtype's range: keep the last good model
+            log.error("round %d: the aggregate is not finite in %s; the global model is kept", round, bad[:3])
+            self._say(f"  round {round}: aggregate NOT finite in {bad[:3]}; global model kept")
+            record["rejected"] += [{"site": u.site_id, "reason": "the aggregate was not finite"} for u in accepted]
+            record["participants"] = []
+        else:
+            self.global_state = new_state
         t_agg = time.perf_counter() - t0
 
         for sid, s in self.sites.items():
@@ -315,7 +401,25 @@ class Simulation:
             self._say(self._summary_line(rec, r, start, last, time.perf_counter() - t_run))
         if self.out_dir is not None:
             self.history.save(self.out_dir)
+        if last == self.rounds and self.history.rounds and not any(r["participants"] for r in self.history.rounds):
+            raise FederationError(self._nothing_trained_message())
         return self.history
+
+    def _nothing_trained_message(self) -> str:
+        """Why no round aggregated an update: each site's failures, rejections and budget stops."""
+        why: dict[str, str] = {}
+        for r in self.history.rounds:
+            for f in r.get("failed", []):
+                why.setdefault(f["site"], f"failed: {f['error']}")
+            for f in r.get("rejected", []):
+                why.setdefault(f["site"], f"rejected: {f['reason']}")
+            for sid in r.get("stopped_budget", []):
+                why.setdefault(sid, "its epsilon budget is smaller than one round's spend")
+        detail = "; ".join(f"{sid}: {w}" for sid, w in why.items()) or "no site was selected"
+        return (
+            f"no site contributed an update in any of the {len(self.history.rounds)} rounds, so the global model is "
+            f"the initial one. {detail}"
+        )
 
     def _summary_line(self, rec: dict, r: int, start: int, last: int, elapsed: float) -> str:
         done = r - start + 1

@@ -1,15 +1,25 @@
 """A Site (hospital): its data, its local training (DP-SGD or not) and its own privacy accountant.
 
 What leaves a site is a :class:`SiteUpdate`: the change of the model's floating-point state after
-`local_steps` optimizer steps, the training-set size (the FedAvg weight), the number of steps, the
-mean training loss and, with DP, the site's epsilon. Images and masks never leave it.
+`local_steps` optimizer steps, the training-set size (the FedAvg weight), the number of steps and,
+with DP, the site's epsilon. A non-private site also reports its mean training loss; a DP site does
+not (it is an un-noised statistic of the training data, see docs/privacy.md). Images and masks
+never leave a site.
+
+A DP site's noise and Poisson sampling are seeded from the operating system's CSPRNG: nothing the
+server knows (the config, the experiment seed, the site's name) lets it predict or subtract them.
+``DPConfig(reproducible_noise=True)`` derives them from ``seed`` instead, for tests only: such a
+run is not private, and says so (:class:`fastdp.noise.ReproducibleNoiseWarning`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+import secrets
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -20,8 +30,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from fastdp.accounting import Accountant, get_noise_multiplier
 from fastdp.engine import DPDataLoader, PrivacyEngine
-from fastdp.federated.atomic import atomic_torch_save
+from fastdp.federated.state_files import save_state
 from fastdp.models import dice_ce_criterion, dice_global
+from fastdp.noise import ReproducibleNoiseWarning
+
+log = logging.getLogger("fastdp.federated")
 
 
 @dataclass
@@ -31,6 +44,9 @@ class DPConfig:
     Give either noise_multiplier (sigma) or target_epsilon; the latter is calibrated so that the
     site's planned steps (planned_rounds * local_steps) spend it at `delta`.
     epsilon_budget: the site stops taking part before a round that would take it past this.
+    reproducible_noise: derive the noise and sampling seeds from the Site's `seed` and name instead
+        of the OS CSPRNG. For tests only: anyone who knows the seed (the server writes the config)
+        can regenerate and subtract the noise, so the run is NOT private.
     """
 
     noise_multiplier: float | None = None
@@ -39,6 +55,7 @@ class DPConfig:
     delta: float = 1e-5
     epsilon_budget: float | None = None
     accountant: str = "rdp"
+    reproducible_noise: bool = False
 
     def __post_init__(self) -> None:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -63,7 +80,8 @@ class SiteUpdate:
         (same keys and shapes as the global state).
     num_samples: the site's training-set size (FedAvg weight).
     steps: local optimizer steps taken.
-    train_loss: mean training loss over the local steps (nan if no step saw a sample).
+    train_loss: mean training loss over the local steps (nan if no step saw a sample); None from a
+        DP site, which does not release it (an un-noised statistic of its training data).
     epsilon: the site's sample-level epsilon after this update at its delta (None when non-private).
     """
 
@@ -71,12 +89,18 @@ class SiteUpdate:
     delta: dict[str, torch.Tensor]
     num_samples: int
     steps: int
-    train_loss: float
+    train_loss: float | None
     epsilon: float | None = None
 
     def norm(self) -> float:
         """L2 norm of the whole delta (all tensors flattened together)."""
         return math.sqrt(sum(float(d.double().pow(2).sum()) for d in self.delta.values()))
+
+
+def site_releases(dp: bool) -> list[str]:
+    """What a site sends the server, DP (update, public metadata, validation metrics) or not (also its loss)."""
+    base = ["delta", "num_samples", "steps", "val_dice", "val_loss"]
+    return base + (["epsilon", "within_budget"] if dp else ["train_loss"])
 
 
 def floating_keys(state: dict[str, torch.Tensor]) -> list[str]:
@@ -118,7 +142,8 @@ class Site:
         optimizer: "adam", "sgd" or "sgdm" (SGD with momentum 0.9). Its state stays at the site.
         dp: DPConfig for DP-SGD, None for non-private training.
         criterion: per-sample-capable loss (default: fastdp.models.dice_ce_criterion()).
-        seed: seeds the site's batch sampling and DP noise (with site_id).
+        seed: seeds the batch sampling of a non-private site (with site_id); a DP site's sampling
+            and noise come from the OS CSPRNG unless dp.reproducible_noise is set.
         planned_rounds: rounds the site is expected to train (for calibrating dp.target_epsilon).
         device: torch device for local training and evaluation.
         eval_batch_size: slices per forward pass in evaluate().
@@ -169,7 +194,11 @@ class Site:
         # Where the site persists its own state (accountant first of all) before an update leaves it.
         self.state_path: Path | None = None
 
-        self.generator = torch.Generator().manual_seed(stable_seed("sampling", seed, site_id))
+        # A DP site's sampling is part of the mechanism (amplification by sampling assumes nobody
+        # knows which samples were drawn): secret unless reproducibility was asked for.
+        private_streams = dp is not None and not dp.reproducible_noise
+        sampling_seed = secrets.randbits(63) if private_streams else stable_seed("sampling", seed, site_id)
+        self.generator = torch.Generator().manual_seed(sampling_seed)
         # steps=local_steps: one pass over the loader is one round of local training.
         loader = DPDataLoader(train_data, self.sample_rate, steps=self.local_steps, generator=self.generator)
         model = model_fn().to(self.device)
@@ -189,9 +218,16 @@ class Site:
                     accountant=dp.accountant,
                 )
             self.noise_multiplier = float(sigma)
-            self.engine = PrivacyEngine(
-                accountant=dp.accountant, secure_mode=secure_mode, seed=stable_seed("noise", seed, site_id)
-            )
+            if dp.reproducible_noise:
+                msg = (
+                    f"site {site_id!r}: dp.reproducible_noise is set: its DP noise and sampling are derived "
+                    "from the config's seed, so anyone who knows the config can subtract the noise. "
+                    "This run is NOT private; use it for tests only."
+                )
+                warnings.warn(msg, ReproducibleNoiseWarning, stacklevel=2)
+                log.warning(msg)
+            noise_seed = stable_seed("noise", seed, site_id) if dp.reproducible_noise else None  # None: CSPRNG
+            self.engine = PrivacyEngine(accountant=dp.accountant, secure_mode=secure_mode, seed=noise_seed)
             model, opt, loader = self.engine.make_private(
                 module=model,
                 optimizer=opt,
@@ -274,18 +310,42 @@ class Site:
                             p.sub_(self.lr * mu * (p - anchors[name]))
         local = self.model.state_dict()
         delta = {k: (local[k].detach() - global_state[k].to(self.device)).cpu() for k in floating_keys(global_state)}
+        if self.engine is not None:
+            self._check_buffers_unchanged(delta)
         update = SiteUpdate(
             site_id=self.site_id,
             delta=delta,
             num_samples=self.num_samples,
             steps=steps,
-            train_loss=sum(losses) / len(losses) if losses else math.nan,
+            # A DP site keeps its training loss: it is not noised, so releasing it is not DP.
+            train_loss=None if self.engine is not None else (sum(losses) / len(losses) if losses else math.nan),
             epsilon=None if self.engine is None else self.epsilon(),
         )
         # Privacy spent is never lost: persist the accountant before the update leaves the site.
         if self.state_path is not None:
-            atomic_torch_save(self.state_dict(), self.state_path)
+            save_state(self.state_dict(), self.state_path)
         return update
+
+    def _check_buffers_unchanged(self, delta: dict[str, torch.Tensor]) -> None:
+        """A DP site's update may only move parameters (trained through the DP step): a floating-point
+        buffer that changed (running statistics and the like) is an un-noised function of the data."""
+        params = {k for k, v in self.model.state_dict(keep_vars=True).items() if isinstance(v, nn.Parameter)}
+        moved = [k for k, d in delta.items() if k not in params and bool(d.ne(0).any())]
+        if moved:
+            raise RuntimeError(
+                f"site {self.site_id!r}: buffers {moved[:5]} changed during DP training; their change is an "
+                "un-noised statistic of the training data and would leave the site with the update. "
+                "Use a model whose forward does not update buffers in training."
+            )
+
+    def releases(self) -> list[str]:
+        """What this site sends the server (docs/privacy.md lists what each one means for privacy)."""
+        return site_releases(self.engine is not None)
+
+    @property
+    def noise_is_private(self) -> bool | None:
+        """True when the site's DP noise is unpredictable to the server; None for a non-private site."""
+        return None if self.dp is None else not self.dp.reproducible_noise
 
     @torch.no_grad()
     def evaluate(self, global_state: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -309,6 +369,8 @@ class Site:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores a state_dict(); ValueError saying what is wrong when it does not fit this site."""
+        _check_site_state(state, self)
         if state["site_id"] != self.site_id:
             raise ValueError(f"state of site {state['site_id']!r} loaded into site {self.site_id!r}")
         if (state["engine"] is None) != (self.engine is None):
@@ -322,6 +384,42 @@ class Site:
     def __repr__(self) -> str:
         dp = "non-private" if self.dp is None else f"DP sigma={self.noise_multiplier:.3g} C={self.dp.max_grad_norm}"
         return f"Site({self.site_id!r}, n={self.num_samples}, steps/round={self.local_steps}, {dp})"
+
+
+def _check_site_state(state, site: Site) -> None:
+    """ValueError naming the first entry of a site state that is missing, of the wrong kind or not finite."""
+    if not isinstance(state, dict):
+        raise ValueError(f"a site state is a table, got {type(state).__name__}")
+    for key in ("site_id", "optimizer", "engine", "sampler_rng", "noise_multiplier"):
+        if key not in state:
+            raise ValueError(f"site state has no {key!r} entry")
+    if not isinstance(state["site_id"], str):
+        raise ValueError(f"site state 'site_id' is a {type(state['site_id']).__name__}, not a name")
+    rng = state["sampler_rng"]
+    if not (torch.is_tensor(rng) and rng.dtype == torch.uint8 and rng.shape == site.generator.get_state().shape):
+        raise ValueError("site state 'sampler_rng' is not a torch.Generator state")
+    sigma = state["noise_multiplier"]
+    if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0):
+        raise ValueError(f"site state 'noise_multiplier' must be a number >= 0, got {sigma!r}")
+    if sigma is not None and not math.isfinite(sigma):
+        raise ValueError(f"site state 'noise_multiplier' must be finite, got {sigma!r}")
+    opt = state["optimizer"]
+    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or "param_groups" not in opt:
+        raise ValueError("site state 'optimizer' is not an optimizer state_dict")
+    params = [p for g in site.optimizer.param_groups for p in g["params"]]
+    for idx, entries in opt["state"].items():
+        if not isinstance(idx, int) or not 0 <= idx < len(params) or not isinstance(entries, dict):
+            raise ValueError(f"site state 'optimizer' has an entry for parameter {idx!r} the model does not have")
+        for name, v in entries.items():
+            if not torch.is_tensor(v):
+                continue
+            if v.numel() > 1 and tuple(v.shape) != tuple(params[idx].shape):
+                raise ValueError(
+                    f"site state optimizer entry {name!r} of parameter {idx} has shape {tuple(v.shape)}, "
+                    f"the parameter has {tuple(params[idx].shape)}"
+                )
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise ValueError(f"site state optimizer entry {name!r} of parameter {idx} has NaN or inf values")
 
 
 @torch.no_grad()

@@ -11,19 +11,22 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
 from fastdp import ops
 from fastdp.accounting import Accountant
 from fastdp.federated.site import SiteUpdate, floating_keys, stable_seed
-from fastdp.noise import NoiseSource
+from fastdp.noise import NoiseSource, ReproducibleNoiseWarning
 
 
 class Strategy:
     """Base class. Subclasses implement aggregate(); select() and site_config() have defaults."""
 
     name = "strategy"
+    #: Whether the server may screen updates by their norms (see validation.screen_updates).
+    norm_screening = True
 
     def select(self, site_ids: list[str], round: int, generator: torch.Generator) -> list[str]:
         """The sites asked to train this round (default: all)."""
@@ -123,11 +126,18 @@ class DPFedAvg(Strategy):
         num_sites: N, used for the fixed denominator q * N (the expected number of sites); set
             by the Simulation when left None.
         delta: for reporting epsilon.
-        seed: server noise seed (None: random); secure_mode: fresh CSPRNG seed for every round.
+        seed: None (default): the server noise is seeded from the OS CSPRNG, so no one who sees the
+            global model can predict it. An int: reproducible noise, for tests only; whoever knows
+            the seed can subtract the noise, so the run is NOT private (warns).
+        secure_mode: a fresh CSPRNG seed for every round (not resumable to the same noise).
         server_lr: global step size on the noised average.
+
+    Only format checks may drop an update under DP-FedAvg (norm_screening is False): clipping to
+    S is the defence, and a screen that compares sites would change the mechanism's sensitivity.
     """
 
     name = "dp-fedavg"
+    norm_screening = False
 
     def __init__(
         self,
@@ -137,7 +147,7 @@ class DPFedAvg(Strategy):
         num_sites: int | None = None,
         delta: float = 1e-5,
         accountant: str = "rdp",
-        seed: int | None = 0,
+        seed: int | None = None,
         secure_mode: bool = False,
         server_lr: float = 1.0,
     ) -> None:
@@ -146,6 +156,13 @@ class DPFedAvg(Strategy):
         self.clip_norm, self.noise_multiplier, self.sample_rate = clip_norm, noise_multiplier, sample_rate
         self.num_sites, self.delta, self.server_lr = num_sites, delta, server_lr
         self.accountant = Accountant(accountant)
+        self.reproducible_noise = seed is not None
+        if self.reproducible_noise:
+            msg = (
+                "DPFedAvg: seed is set, so the server noise is reproducible from it: anyone who knows the seed "
+                "can subtract it. This run is NOT private; use it for tests only."
+            )
+            warnings.warn(msg, ReproducibleNoiseWarning, stacklevel=2)
         noise_seed = None if seed is None else stable_seed("server", seed)
         self.noise_source = NoiseSource(seed=noise_seed, secure_mode=secure_mode)
         self.last_clip_factors: list[float] = []
@@ -203,6 +220,7 @@ class DPFedAvg(Strategy):
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
             "delta": self.delta,
+            "reproducible_noise": self.reproducible_noise,
         }
 
 

@@ -68,6 +68,8 @@ def _summary_rows(summaries: list[ModeSummary]) -> list[dict]:
         eps = _per_site(s.site_epsilon, 2) if s.is_private else "— (non-private)"
         if s.server_epsilon is not None:
             eps += f"<br>server (user-level) {_fmt(s.server_epsilon, 2)}"
+        if s.not_private_reasons:
+            eps = "**NOT PRIVATE** (reproducible noise, see Privacy)<br>" + eps
         rows.append(
             {
                 "run": s.label,
@@ -200,6 +202,28 @@ def _attack_section(attack: dict, bases: list[Path], run_dir: Path, plots_dir: P
     return out
 
 
+def _privacy_section(summaries: list[ModeSummary]) -> list[str]:
+    """What each run's sites released, and which DP runs do not hold their guarantee (docs/privacy.md)."""
+    lines = ["## Privacy", ""]
+    for s in summaries:
+        if s.not_private_reasons:
+            lines.append(f"- **{s.label}: NOT PRIVATE.** " + "; ".join(s.not_private_reasons) + ".")
+    released = {(s.label, tuple(v)) for s in summaries for v in s.releases.values()}
+    for label, items in sorted(released):
+        sites = [site for s in summaries if s.label == label for site, v in s.releases.items() if tuple(v) == items]
+        lines.append(f"- {label}: {', '.join(sites)} sent the server: {', '.join(items)}.")
+    if len(lines) == 2:
+        return []
+    lines += [
+        "",
+        "A DP site's update is covered by its epsilon; its sample count, step count and epsilon are public "
+        "metadata; its validation metrics describe its held-out slices, which DP does not cover. A DP site does "
+        "not release its training loss. See docs/privacy.md.",
+        "",
+    ]
+    return lines
+
+
 def write_report(
     run_dir: str | Path,
     attack: dict | None = None,
@@ -239,6 +263,7 @@ def write_report(
         "Time: wall-clock seconds per round, and relative to the non-private run.",
         "",
     ]
+    lines += _privacy_section(summaries)
     figures = []
     if plots:
         figures = [

@@ -39,6 +39,7 @@ class RunHistory:
     mode: str
     rounds: list[dict]
     config: dict = field(default_factory=dict)
+    privacy: dict = field(default_factory=dict)
 
     @property
     def sites(self) -> list[str]:
@@ -63,6 +64,9 @@ class ModeSummary:
         mean_phase_s: mean seconds per round of each phase (local_training, aggregation, evaluation).
         time_ratio: mean_round_s over the non-private run's (None without one, or for itself).
         site_status: per site, a short note: rounds taken part, rejections, failures, budget stop.
+        not_private_reasons: why a run that spends epsilon is nevertheless not private (e.g. its
+            noise was reproducible from the config); empty when its guarantee holds.
+        releases: per site, what it sent the server (the history's privacy record).
     """
 
     label: str
@@ -77,6 +81,8 @@ class ModeSummary:
     mean_phase_s: dict[str, float]
     time_ratio: float | None = None
     site_status: dict[str, str] = field(default_factory=dict)
+    not_private_reasons: list[str] = field(default_factory=list)
+    releases: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def is_private(self) -> bool:
@@ -110,6 +116,7 @@ def load_history(path: str | Path, label: str | None = None) -> RunHistory:
         mode=str(data.get("mode") or label or path.parent.name),
         rounds=rounds,
         config=data.get("config") or {},
+        privacy=data.get("privacy") or {},
     )
 
 
@@ -184,6 +191,9 @@ def summarize(run: RunHistory) -> ModeSummary:
         total_s=sum(walls) if walls else None,
         mean_phase_s=phases,
         site_status={s: _status(run, s) for s in run.sites},
+        # "no DP" is what a non-private run is anyway; the report flags DP runs whose guarantee fails.
+        not_private_reasons=[r for r in run.privacy.get("not_private_reasons", []) if not r.startswith("no DP")],
+        releases=dict(run.privacy.get("releases") or {}),
     )
 
 

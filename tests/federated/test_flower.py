@@ -18,6 +18,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from fastdp.noise import ReproducibleNoiseWarning
+
 pytest.importorskip("flwr", reason="the Flower adapter needs the extra: pip install 'fastdp[flower]'")
 
 from fastdp.experiment import ExperimentConfig  # noqa: E402
@@ -26,8 +28,11 @@ from fastdp.experiment.data import build_data  # noqa: E402
 from fastdp.federated import flower  # noqa: E402
 from fastdp.federated.simulation import initial_global_state  # noqa: E402
 from fastdp.federated.site import SiteUpdate  # noqa: E402
+from fastdp.federated.state_files import load_state  # noqa: E402
 
 # The tiny sizes of tests/federated: 64x64 phantom slices, a 4-channel depth-2 U-Net, 2 rounds of 2 steps.
+# dp.reproducible_noise: the bit-exact comparison needs both backends to draw the same noise (test-only;
+# test_open_site_keeps_a_secret_noise_seed_across_messages checks the private default).
 EXPERIMENT = ExperimentConfig.from_dict(
     {
         "name": "flower-test",
@@ -37,10 +42,11 @@ EXPERIMENT = ExperimentConfig.from_dict(
         "data": {"image_size": 64, "slices_per_site": 40, "val_slices_per_site": 8, "test_slices": 24},
         "model": {"name": "unet_small", "kwargs": {"base_channels": 4, "depth": 2}},
         "federated": {"rounds": 2, "local_steps": 2, "batch_size": 8, "lr": 0.1, "optimizer": "sgd"},
-        "dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0},
+        "dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "reproducible_noise": True},
         "attack": {"enabled": False},
     }
 )
+pytestmark = pytest.mark.filterwarnings("ignore::fastdp.noise.ReproducibleNoiseWarning")
 CHILD_ENV = {"FASTDP_CONV_METHOD": "grouped", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -120,12 +126,26 @@ def test_flower_backend_of_the_runner_dp_sgd_matches_simulation(tmp_path, monkey
     assert all(0 < s["epsilon"] < math.inf for s in last.values() if s["steps"])
     # Every site that trained kept its own state file; its accountant counts the steps of the rounds it took part in.
     rounds_in = {sid: sum(r["sites"][sid]["participated"] for r in history["rounds"]) for sid in last}
-    files = sorted((run_dir / "dp" / "flower" / "state").glob("run-*/*.pt"))
-    assert [f.stem for f in files] == sorted(sid for sid, n in rounds_in.items() if n)
-    for f in files:
-        state = torch.load(f, weights_only=False)
-        steps = sum(n for _, _, n in state["engine"]["accountant"]["history"])
-        assert steps == rounds_in[f.stem] * cfg.federated.local_steps
+    state_dir = run_dir / "dp" / "flower" / "state" / cfg.name / "dp"
+
+    def steps_on_record() -> dict:
+        # A DP site writes its state on its first message (its secret noise seed), so all three have one.
+        files = sorted(state_dir.glob("*.pt"))
+        assert [f.stem for f in files] == sorted(last)
+        return {f.stem: sum(n for _, _, n in load_state(f)["engine"]["accountant"]["history"]) for f in files}
+
+    first = steps_on_record()
+    assert first == {sid: n * cfg.federated.local_steps for sid, n in rounds_in.items()}
+    # A rerun of the same experiment (after a crash, say) is a new Flower run id; the sites' updates of
+    # the first run reached the server, so their accountants go on from there instead of from 0.
+    run_experiment(cfg, progress=False, report=False)
+    assert steps_on_record() == {sid: 2 * n for sid, n in first.items()}
+    rerun = json.loads((run_dir / "dp" / "history.json").read_text())
+    for sid, n in rounds_in.items():
+        if n:
+            first_eps = [r["sites"][sid]["epsilon"] for r in history["rounds"] if r["sites"][sid]["participated"]]
+            again = [r["sites"][sid]["epsilon"] for r in rerun["rounds"] if r["sites"][sid]["participated"]]
+            assert again[0] > first_eps[-1]
 
 
 # --- the pieces, without processes ------------------------------------------------------------
@@ -168,13 +188,31 @@ def test_partition_id_picks_the_simulations_site_on_build_datas_data(tmp_path, l
         assert site.site_id == sid and repr(site) == repr(want)
         assert torch.equal(site.generator.get_state(), want.generator.get_state())
         assert (site.dp is None) == (label == "nonprivate") and site.dp == want.dp
-        assert site.state_path == tmp_path / "run-7" / f"{sid}.pt"
+        # keyed by experiment, run and site (not Flower's run id): a rerun continues the privacy spent
+        assert site.state_path == tmp_path / "flower-test" / label / f"{sid}.pt"
         for mine, theirs in ((site.train_data, data.train[sid]), (site.val_data, data.val[sid])):
             assert len(mine) == len(theirs)
             for i in (0, len(theirs) - 1):
                 assert all(torch.equal(a, b) for a, b in zip(mine[i], theirs[i], strict=True))
     with pytest.raises(ValueError, match="site index 3 out of range"):
         flower.open_site(_context(run_config, 3))
+
+
+def test_open_site_keeps_a_secret_noise_seed_across_messages(tmp_path):
+    # Default noise: each ClientApp process builds the site anew (a fresh CSPRNG seed); the seed drawn
+    # at the site's first message is kept in its own state file, so later messages continue that stream,
+    # and it is not the seed the config would give.
+    cfg = EXPERIMENT.replace(**{"dp.reproducible_noise": False})
+    run_config = flower.run_config_for(cfg, "dp", state_dir=str(tmp_path))
+    first = flower.open_site(_context(run_config, 0, run_id=1))
+    later = flower.open_site(_context(run_config, 0, run_id=2))
+    assert later.engine.noise_source.state_dict() == first.engine.noise_source.state_dict()
+    assert torch.equal(later.generator.get_state(), first.generator.get_state())
+    with pytest.warns(ReproducibleNoiseWarning):
+        predictable = build_site(EXPERIMENT, find_run(EXPERIMENT, "dp"), build_data(cfg.data, cfg.seed), 0)
+    assert first.engine.noise_source.seed != predictable.engine.noise_source.seed
+    other = flower.open_site(_context(run_config, 1))
+    assert other.engine.noise_source.seed != first.engine.noise_source.seed
 
 
 def test_run_config_is_checked():

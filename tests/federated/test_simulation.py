@@ -6,6 +6,7 @@ import torch
 from _fl_helpers import phantom, tiny_unet
 
 from fastdp.federated import DPConfig, DPFedAvg, FedAvg, Simulation, Site, SiteUpdate
+from fastdp.federated.state_files import load_state
 
 SITES = ("site_a", "site_b", "site_c")
 
@@ -52,8 +53,9 @@ def _assert_same_state(a, b):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.filterwarnings("ignore::fastdp.noise.ReproducibleNoiseWarning")
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
-    dp = DPConfig(noise_multiplier=1.0)
+    dp = DPConfig(noise_multiplier=1.0, reproducible_noise=True)  # bit-exact needs the test-only option
     straight = _sim(_sites(dp=dp), tmp_path / "a")
     straight.run()
     # stop after round 1, then a fresh process-like restart (new Sites, new Simulation) resumes
@@ -65,6 +67,24 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     for sid in SITES:
         assert resumed.sites[sid].epsilon() == straight.sites[sid].epsilon()
         assert resumed.sites[sid].accountant.steps == 3 * 2
+
+
+def test_resume_with_private_noise_continues_each_sites_secret_stream(tmp_path):
+    # Default (CSPRNG) noise: a resumed run continues the accountant and the noise stream where the
+    # checkpoint left them, with the seed that never left the site, not a new one.
+    dp = DPConfig(noise_multiplier=1.0)
+    first = _sim(_sites(dp=dp), tmp_path)
+    first.run(stop_after=1)
+    saved = {sid: s.engine.noise_source.state_dict() for sid, s in first.sites.items()}
+    resumed = _sim(_sites(dp=dp), tmp_path)
+    fresh_seeds = {sid: s.engine.noise_source.seed for sid, s in resumed.sites.items()}
+    assert resumed.load_checkpoint() == 1
+    for sid, s in resumed.sites.items():
+        assert s.engine.noise_source.state_dict() == saved[sid]
+        assert saved[sid]["offset"] == 2 and saved[sid]["seed"] != fresh_seeds[sid]
+        assert s.accountant.steps == 2
+    resumed.run()
+    assert all(s.accountant.steps == 3 * 2 for s in resumed.sites.values())
 
 
 def test_same_seed_same_result_and_history_files(tmp_path):
@@ -149,6 +169,7 @@ def test_sites_over_budget_stop_and_the_others_go_on():
     assert sim.sites["site_a"].accountant.steps == 4 * 2
 
 
+@pytest.mark.filterwarnings("ignore::fastdp.noise.ReproducibleNoiseWarning")
 def test_dp_fedavg_run_reports_server_epsilon():
     strategy = DPFedAvg(clip_norm=0.5, noise_multiplier=1.0, sample_rate=1.0, seed=0)
     history = _sim(_sites(), rounds=2, strategy=strategy).run()
@@ -163,7 +184,7 @@ def test_site_state_file_is_written_before_the_update_leaves(tmp_path):
     site.state_path = tmp_path / "site_a.pt"
     sim = _sim([site], rounds=1)
     assert isinstance(site.local_update(sim.global_state), SiteUpdate)
-    saved = torch.load(site.state_path, weights_only=False)
+    saved = load_state(site.state_path)
     assert saved["engine"]["accountant"]["history"][0][2] == 2  # both local steps already on record
 
 

@@ -17,8 +17,14 @@ def _site(dp=None, **kw):
     return Site("site_a", phantom("site_a", 40), phantom("site_a", 8, start=1000), tiny_unet, dp=dp, **kw)
 
 
-def _first_poisson_batch(site: Site, seed: int = 0):
-    gen = torch.Generator().manual_seed(stable_seed("sampling", seed, site.site_id))
+def _first_poisson_batch(site: Site, seed: int = 0, rng_state=None):
+    """The site's first Poisson batch: from its sampler state before training (a DP site's is secret),
+    or from the seed a non-private site's sampler is derived from."""
+    gen = torch.Generator()
+    if rng_state is not None:
+        gen.set_state(rng_state)
+    else:
+        gen.manual_seed(stable_seed("sampling", seed, site.site_id))
     idx = torch.nonzero(torch.rand(site.num_samples, generator=gen) < site.sample_rate).flatten()
     x, y = site.train_data.tensors()
     return x[idx], y[idx]
@@ -48,8 +54,9 @@ def test_dp_without_noise_and_clipping_is_the_sum_over_expected_batch():
     # sigma = 0, C huge: DP-SGD's step is the sum of per-sample gradients / E[B] (not / |B|).
     site = _site(dp=DPConfig(noise_multiplier=0.0, max_grad_norm=1e6))
     g0 = initial_global_state(tiny_unet, seed=1)
+    rng = site.generator.get_state()
     update = site.local_update(g0)
-    x, y = _first_poisson_batch(site)
+    x, y = _first_poisson_batch(site, rng_state=rng)
     ref = _mean_grad(g0, x, y)
     factor = len(x) / (site.sample_rate * site.num_samples)
     for name, g in ref.items():
@@ -58,10 +65,11 @@ def test_dp_without_noise_and_clipping_is_the_sum_over_expected_batch():
 
 def test_dp_update_is_clipped_and_noised():
     g0 = initial_global_state(tiny_unet, seed=1)
-    clipped = _site(dp=DPConfig(noise_multiplier=0.0, max_grad_norm=1e-3)).local_update(g0)
+    site = _site(dp=DPConfig(noise_multiplier=0.0, max_grad_norm=1e-3))
+    rng = site.generator.get_state()
+    clipped = site.local_update(g0)
     # every per-sample gradient has norm <= C, so the step is at most lr * |B| * C / E[B]
-    site = _site()
-    x, _ = _first_poisson_batch(site)
+    x, _ = _first_poisson_batch(site, rng_state=rng)
     bound = 0.1 * len(x) * 1e-3 / (site.sample_rate * site.num_samples)
     assert clipped.norm() <= bound * (1 + 1e-4)
     noisy = _site(dp=DPConfig(noise_multiplier=1.0, max_grad_norm=1e-3)).local_update(g0)
@@ -95,9 +103,10 @@ def test_target_epsilon_is_calibrated_over_planned_rounds():
         _site(dp=DPConfig(target_epsilon=4.0))
 
 
+@pytest.mark.filterwarnings("ignore::fastdp.noise.ReproducibleNoiseWarning")
 def test_state_round_trip_continues_exactly():
     g0 = initial_global_state(tiny_unet, seed=1)
-    dp = DPConfig(noise_multiplier=1.0)
+    dp = DPConfig(noise_multiplier=1.0, reproducible_noise=True)  # two sites with the same streams
     straight = _site(dp=dp, optimizer="adam", local_steps=2)
     straight.local_update(g0)
     want = straight.local_update(g0)

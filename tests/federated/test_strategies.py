@@ -45,6 +45,7 @@ def test_dpfedavg_without_noise_clips_each_site_and_divides_by_expected_sites():
     assert s.accountant.steps == 1
 
 
+@pytest.mark.filterwarnings("ignore::fastdp.noise.ReproducibleNoiseWarning")
 def test_dpfedavg_noise_has_the_promised_std_and_is_accounted():
     glob = {"w": torch.zeros(200_000)}
     s = DPFedAvg(clip_norm=2.0, noise_multiplier=1.5, sample_rate=0.25, num_sites=8, seed=3)

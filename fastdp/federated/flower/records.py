@@ -27,10 +27,11 @@ def update_to_content(update: SiteUpdate, site: Site) -> RecordDict:
     metrics = {
         "num-samples": int(update.num_samples),
         "steps": int(update.steps),
-        "train-loss": float(update.train_loss),
         # the server's budget check for the next round (Simulation asks Site.within_budget())
         "within-budget": int(site.within_budget()),
     }
+    if update.train_loss is not None:  # a DP site does not release its (un-noised) training loss
+        metrics["train-loss"] = float(update.train_loss)
     if update.epsilon is not None:
         metrics["epsilon"] = float(update.epsilon)
     return RecordDict(
@@ -53,6 +54,6 @@ def update_from_content(content: RecordDict, site_id: str) -> SiteUpdate:
         delta=record_to_state(content["delta"]),
         num_samples=int(m["num-samples"]),
         steps=int(m["steps"]),
-        train_loss=float(m["train-loss"]),
+        train_loss=float(m["train-loss"]) if "train-loss" in m else None,
         epsilon=float(m["epsilon"]) if "epsilon" in m else None,
     )

@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fastdp.federated.flower.records import state_to_record, update_from_content
-from fastdp.federated.simulation import Simulation
+from fastdp.federated.simulation import Simulation, update_note
 from fastdp.federated.site import DPConfig
 from fastdp.federated.strategies import Strategy
 
@@ -42,6 +42,8 @@ class RemoteSite:
         budget = float(info["epsilon-budget"]) or None
         # Only the budget is read on the server (for the "site stops" message).
         self.dp = DPConfig(noise_multiplier=0.0, epsilon_budget=budget) if info["dp"] else None
+        # As the site declares it (the server cannot check; the report says which runs are not private).
+        self.noise_is_private = bool(info.get("noise-private", True)) if info["dp"] else None
         self._epsilon = float(metrics.get("epsilon", 0.0))
         self._within_budget = bool(metrics["within-budget"])
         self.state_path = None
@@ -144,8 +146,7 @@ class FlowerSimulation(Simulation):
             record["participants"].append(sid)
             record["sites"][sid].update(participated=True, train_loss=update.train_loss, steps=update.steps, local_s=dt)
             updates.append(update)
-            eps = "" if update.epsilon is None else f"  epsilon {update.epsilon:.3f}"
-            self._say(f"  site {sid}: {update.steps} steps  loss {update.train_loss:.4f}{eps}")
+            self._say(f"  site {sid}: {update.steps} steps{update_note(update)}")
         return updates
 
     def _evaluate(self, record: dict) -> None:
