@@ -4,7 +4,10 @@ Within `with BatchMemoryManager(...) as loader:` each logical batch of the DP da
 yielded as physical batches of at most `max_physical_batch_size` samples; optimizer.step() on
 all but the last only accumulates the clipped per-sample gradients (no noise, no update, no
 accountant step), so the privacy step stays one logical step. An empty logical batch is
-yielded as one empty physical batch (a noise-only step).
+yielded as one empty physical batch (a noise-only step). Each physical batch is one forward,
+one backward and one optimizer.step(), as the DPOptimizer requires; leaving the loop in the
+middle of a logical batch discards the clipped sums of its physical batches so far (that
+logical batch never becomes a step).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class BatchMemoryManager:
 
     def __exit__(self, *exc) -> None:
         self.optimizer.signal_skip_step(False)
+        self.optimizer.discard_accumulated()
 
 
 class _PhysicalBatches:
@@ -69,9 +73,16 @@ class _PhysicalBatches:
 
     def __iter__(self) -> Iterator:
         k = self.m.max_physical_batch_size
+        opt = self.m.optimizer
         for batch in self.m.data_loader:
             n = _batch_len(batch)
             bounds = [(lo, min(n, lo + k)) for lo in range(0, n, k)] or [(0, 0)]
             for j, (lo, hi) in enumerate(bounds):
-                self.m.optimizer.signal_skip_step(j < len(bounds) - 1)
-                yield _split(batch, lo, hi) if len(bounds) > 1 else batch
+                opt.signal_skip_step(j < len(bounds) - 1)
+                try:
+                    yield _split(batch, lo, hi) if len(bounds) > 1 else batch
+                except GeneratorExit:
+                    # The loop was left in the middle of this logical batch: it never becomes a step.
+                    opt.signal_skip_step(False)
+                    opt.discard_accumulated()
+                    raise

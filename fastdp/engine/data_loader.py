@@ -3,6 +3,12 @@
 Batches have variable size (possibly 0); the DP analysis (amplification by sampling) assumes
 exactly this. An empty batch is yielded as tensors with 0 rows, so the training loop still
 takes a (noise-only) step.
+
+The analysis also assumes that each step uses exactly one Poisson batch. DPDataLoader counts
+the batches it hands out (in its iterator, in the main process: with num_workers > 0 the batch
+sampler runs ahead to prefetch) and the DPOptimizer made for it checks at every real step that
+at most one was drawn since the previous one. A batch drawn and then abandoned by closing its
+iterator before any step (a `break` at the top of the loop) is not counted.
 """
 
 from __future__ import annotations
@@ -83,10 +89,49 @@ class _EmptyAwareCollate:
         return self._empty
 
 
+class _CountingIterator:
+    """Iterator over a DPDataLoader's batches that tells the loader about each batch it hands out."""
+
+    def __init__(self, loader: DPDataLoader, inner) -> None:
+        self._loader = loader
+        self._inner = inner
+        self._last_round: int | None = None  # loader's step round when this iterator last yielded
+        self._open = True
+
+    def __iter__(self) -> _CountingIterator:
+        return self
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def __next__(self):
+        if not self._open:
+            raise StopIteration
+        try:
+            batch = next(self._inner)
+        except StopIteration:
+            self._open = False  # exhausted: its last batch was used by the loop body
+            raise
+        self._last_round = self._loader._note_draw()
+        return batch
+
+    def close(self) -> None:
+        """Abandons the iterator; a batch it handed out after the last step is not counted."""
+        if self._open:
+            self._open = False
+            if self._last_round is not None:
+                self._loader._note_abandoned(self._last_round)
+
+    def __del__(self) -> None:
+        self.close()
+
+
 class DPDataLoader(DataLoader):
     """A DataLoader with Poisson sampling, made from an ordinary one (its dataset, workers, collate).
 
     sample_rate defaults to 1 / len(data_loader) (so the expected batch size is the original's).
+    `batches_since_step` counts the batches handed out since the last real optimizer step
+    (see the module docstring).
     """
 
     def __init__(
@@ -100,8 +145,28 @@ class DPDataLoader(DataLoader):
         **kwargs,
     ) -> None:
         self.sample_rate = sample_rate
+        self.batches_since_step = 0
+        self.draws = 0  # batches handed out in total
+        self._round = 0  # real steps (and discarded steps) so far
         sampler = PoissonBatchSampler(len(dataset), sample_rate, steps, generator, secure_mode)
         super().__init__(dataset, batch_sampler=sampler, collate_fn=_EmptyAwareCollate(collate_fn, dataset), **kwargs)
+
+    def __iter__(self) -> _CountingIterator:
+        return _CountingIterator(self, super().__iter__())
+
+    def _note_draw(self) -> int:
+        self.batches_since_step += 1
+        self.draws += 1
+        return self._round
+
+    def _note_abandoned(self, round_: int) -> None:
+        if round_ == self._round and self.batches_since_step > 0:
+            self.batches_since_step -= 1
+
+    def end_step(self) -> None:
+        """Called by the DPOptimizer after a real step, or a refused one whose batch is discarded."""
+        self.batches_since_step = 0
+        self._round += 1
 
     @classmethod
     def from_data_loader(

@@ -1,12 +1,18 @@
 """DPOptimizer: turns the recorded per-sample information into clipped, noised gradients.
 
-optimizer.step() (1) refuses the step if it would exceed max_epsilon, (2) for each recorded
-batch sums the per-layer squared norms into per-sample norms, clip factors
-c_i = min(1, C / (||g_i|| + 1e-6)), and adds sum_i c_i g_i into a running clipped sum (fused
-op for stored per-sample gradients, one c-scaled weight-gradient computation for deferred
-layers), (3) unless the step is a skipped virtual step (BatchMemoryManager), adds
+optimizer.step() (1) refuses the step unless it rests on exactly one forward and one backward
+of the private model (and, for the optimizer make_private made for a DPDataLoader, on at most
+one batch drawn from that loader since the previous real step), or if it would exceed
+max_epsilon, (2) sums the per-layer squared norms of the recorded batch into per-sample norms,
+clip factors c_i = min(1, C / (||g_i|| + 1e-6)), and adds sum_i c_i g_i into a running clipped
+sum (fused op for stored per-sample gradients, one c-scaled weight-gradient computation for
+deferred layers), (3) unless the step is a skipped virtual step (BatchMemoryManager), adds
 N(0, sigma^2 C^2) and scales by 1/E[B] in one fused op, records the step with the accountant
 and runs the wrapped optimizer.
+
+Why one forward per step: each sample must be clipped once per step. Two batches clipped
+separately and summed (gradient accumulation) let a sample drawn into both contribute 2C while
+the accountant records one step at rate q.
 """
 
 from __future__ import annotations
@@ -17,10 +23,20 @@ import torch
 
 from fastdp import ops
 from fastdp.accounting import Accountant, PrivacyBudgetExceeded
+from fastdp.engine.data_loader import DPDataLoader
 from fastdp.engine.errors import PrivacyStepError
 from fastdp.engine.grad_sample import PrivateModule
 from fastdp.engine.tape import Batch, Deferred, Stored
 from fastdp.noise import NoiseSource
+
+ONE_PASS_PER_STEP = (
+    "DP-SGD needs exactly one forward and one backward per optimizer step: each sample is clipped "
+    "once per step and the accountant records one step at sample rate q. Poisson sampling is not "
+    "compatible with gradient accumulation; for a logical batch larger than memory use "
+    "fastdp.BatchMemoryManager(data_loader=..., max_physical_batch_size=..., optimizer=...), which "
+    "splits one Poisson batch into physical batches (one forward, one backward and one step() each)."
+)
+NOT_TAKEN = "The step was not taken; no gradient, optimizer or accountant state changed."
 
 
 class DPOptimizer(torch.optim.Optimizer):
@@ -36,6 +52,8 @@ class DPOptimizer(torch.optim.Optimizer):
         accountant: where steps are recorded; None records nothing.
         noise_source: (seed, offset) pairs for the noise op.
         max_epsilon, target_delta: refuse steps after which epsilon(target_delta) > max_epsilon.
+        data_loader: the DPDataLoader the steps' batches come from (make_private passes it); each
+            real step then checks that at most one batch was drawn from it since the last one.
     """
 
     def __init__(
@@ -51,6 +69,7 @@ class DPOptimizer(torch.optim.Optimizer):
         loss_reduction: str = "mean",
         max_epsilon: float | None = None,
         target_delta: float | None = None,
+        data_loader: DPDataLoader | None = None,
     ) -> None:
         if max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
@@ -78,6 +97,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self._assigned: dict[int, torch.Tensor] = {}
         self._skip_next = False
         self._accumulating = False
+        self.data_loader = data_loader if isinstance(data_loader, DPDataLoader) else None
+        self._accumulated_draw = 0  # the loader's draw count when the skipped steps began
         self.step_hook: Callable[[DPOptimizer], None] | None = None
 
     # --- torch.optim.Optimizer interface, delegated --------------------------------------------
@@ -130,6 +151,50 @@ class DPOptimizer(torch.optim.Optimizer):
         if not self._accumulating:
             self._summed = {}
 
+    def discard_accumulated(self) -> None:
+        """Drops the clipped sums of skipped (virtual) steps: a logical batch left unfinished."""
+        self._summed = {}
+        self._accumulating = False
+
+    def _refuse(self, message: str) -> None:
+        """Discards what the refused step would have used (recorded passes, the clipped sums of
+        its logical batch) and raises; p.grad, the optimizer and the accountant are untouched."""
+        self.module.tape.clear()
+        self.discard_accumulated()
+        raise PrivacyStepError(message)
+
+    def _check_one_pass(self, real: bool) -> None:
+        """Refuses a step that does not rest on exactly one forward + backward of one batch."""
+        tape = self.module.tape
+        if tape.failure is not None:
+            self._refuse(
+                f"fastdp: optimizer.step() after a backward that failed: {tape.failure} Call "
+                f"optimizer.zero_grad() and take the next step from a new forward and backward. {NOT_TAKEN}"
+            )
+        if len(tape.batches) > 1:
+            self._refuse(
+                f"fastdp: optimizer.step() after {len(tape.batches)} training forward passes of the private "
+                f"model (each with its backward) since the last step. {ONE_PASS_PER_STEP} The recorded passes "
+                f"were discarded. {NOT_TAKEN}"
+            )
+        loader = self.data_loader
+        if loader is None:
+            return
+        if real and loader.batches_since_step > 1:
+            self._refuse(
+                f"fastdp: {loader.batches_since_step} batches were drawn from the Poisson DPDataLoader since "
+                f"the last optimizer step. {ONE_PASS_PER_STEP} Each batch drawn from the DP data loader is one "
+                "step: do not concatenate batches, do not skip a batch without taking its step (an empty batch "
+                "gives a noise-only step), and draw evaluation batches from a separate DataLoader. "
+                f"The batches were discarded. {NOT_TAKEN}"
+            )
+        if self._accumulating and loader.draws != self._accumulated_draw:
+            self._refuse(
+                "fastdp: the skipped (virtual) steps since the last real step used a batch drawn from the "
+                "DPDataLoader before the current one, so one logical step would mix two Poisson batches. "
+                f"{ONE_PASS_PER_STEP} The clipped sums of the skipped steps were discarded. {NOT_TAKEN}"
+            )
+
     def _check_bypass(self) -> None:
         for p in self.params:
             if p.grad is not None and p.grad is not self._assigned.get(id(p)):
@@ -178,48 +243,65 @@ class DPOptimizer(torch.optim.Optimizer):
         return buf
 
     def accumulate_clipped(self) -> None:
-        """Clips the recorded batches and adds their clipped sums into the running sum."""
+        """Clips the recorded batch and adds its clipped sum into the running sum.
+
+        More than one recorded batch is refused (see _check_one_pass); none is a noise-only step."""
         tape = self.module.tape
         if tape.awaiting_backward:
             tape.clear()
             raise PrivacyStepError("fastdp: optimizer.step() after a forward without backward; batch discarded")
-        terms = [self._batch_terms(b) for b in tape.batches]
-        for i, (_, _, _, sq) in enumerate(terms):
-            if not torch.isfinite(sq).all():
-                bad = torch.nonzero(~torch.isfinite(sq)).flatten().tolist()[:8]
-                tape.clear()
-                raise PrivacyStepError(
-                    f"fastdp: non-finite per-sample gradient norm for samples {bad} of batch {i} (NaN or inf "
-                    "loss?). The step was not taken and no gradient, optimizer or accountant state changed."
-                )
-        for sp, sg, deferred, sq in terms:
-            fresh = [id(p) not in self._summed for p in sp]
-            if sg:
-                outs = [self._buffer(p) if f else torch.zeros_like(p) for p, f in zip(sp, fresh, strict=True)]
-                c = ops.clip_accumulate_noise(sg, sq, outs, self.max_grad_norm, 0.0, 1.0, 0, 0)
-                for p, f, o in zip(sp, fresh, outs, strict=True):
-                    if not f:
-                        self._summed[id(p)].add_(o)
-            else:
-                c = (self.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-            for d in deferred:
-                for p, s in zip(d.params, d.clipped_sum(c), strict=True):
-                    self._buffer(p).add_(s)
+        if len(tape.batches) > 1:
+            tape.clear()
+            raise PrivacyStepError(f"fastdp: {ONE_PASS_PER_STEP}")
+        if not tape.batches:
+            return
+        sp, sg, deferred, sq = self._batch_terms(tape.batches[0])
+        if not torch.isfinite(sq).all():
+            bad = torch.nonzero(~torch.isfinite(sq)).flatten().tolist()[:8]
+            tape.clear()
+            raise PrivacyStepError(
+                f"fastdp: non-finite per-sample gradient norm for samples {bad} (NaN or inf loss?). The step "
+                "was not taken and no gradient, optimizer or accountant state changed."
+            )
+        fresh = [id(p) not in self._summed for p in sp]
+        if sg:
+            outs = [self._buffer(p) if f else torch.zeros_like(p) for p, f in zip(sp, fresh, strict=True)]
+            c = ops.clip_accumulate_noise(sg, sq, outs, self.max_grad_norm, 0.0, 1.0, 0, 0)
+            for p, f, o in zip(sp, fresh, outs, strict=True):
+                if not f:
+                    self._summed[id(p)].add_(o)
+        else:
+            c = (self.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        for d in deferred:
+            for p, s in zip(d.params, d.clipped_sum(c), strict=True):
+                self._buffer(p).add_(s)
         tape.clear()
 
     def pre_step(self) -> bool:
-        """Everything DP before the wrapped optimizer's step; False when the step is skipped."""
-        if self.max_epsilon is not None and self.accountant is not None and not self._skip_next:
-            eps = self.accountant.epsilon_after(self.noise_multiplier, self.sample_rate, self.target_delta)
-            if eps > self.max_epsilon:
-                raise PrivacyBudgetExceeded(
-                    f"fastdp: this step would spend epsilon {eps:.4g} > max_epsilon {self.max_epsilon} at "
-                    f"delta {self.target_delta}; no update was applied."
-                )
-        self._check_bypass()
-        self.accumulate_clipped()
-        if self._skip_next:
+        """Everything DP before the wrapped optimizer's step; False when the step is skipped.
+
+        A refused real step (PrivacyStepError, PrivacyBudgetExceeded) also ends the loader's
+        count: the batch it drew is discarded, so the loop may go on with the next one."""
+        real = not self._skip_next
+        try:
+            self._check_one_pass(real)
+            if self.max_epsilon is not None and self.accountant is not None and real:
+                eps = self.accountant.epsilon_after(self.noise_multiplier, self.sample_rate, self.target_delta)
+                if eps > self.max_epsilon:
+                    raise PrivacyBudgetExceeded(
+                        f"fastdp: this step would spend epsilon {eps:.4g} > max_epsilon {self.max_epsilon} at "
+                        f"delta {self.target_delta}; no update was applied."
+                    )
+            self._check_bypass()
+            self.accumulate_clipped()
+        except (PrivacyStepError, PrivacyBudgetExceeded):
+            if real and self.data_loader is not None:
+                self.data_loader.end_step()
+            raise
+        if not real:
             self._skip_next = False
+            if not self._accumulating and self.data_loader is not None:
+                self._accumulated_draw = self.data_loader.draws
             self._accumulating = True
             return False
         grads = [self._buffer(p) for p in self.params]
@@ -233,6 +315,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self._accumulating = False
         if self.accountant is not None:
             self.accountant.step(self.noise_multiplier, self.sample_rate)
+        if self.data_loader is not None:
+            self.data_loader.end_step()
         if self.step_hook is not None:
             self.step_hook(self)
         return True

@@ -9,7 +9,10 @@
 
 Differences from Opacus, by design: grad_sample_mode is accepted and ignored (fastdp always
 uses its one-backward book-keeping); only flat clipping; `make_private` returns the model
-wrapped in a PrivateModule whose state_dict is the original model's (no "_module." prefix).
+wrapped in a PrivateModule whose state_dict is the original model's (no "_module." prefix);
+gradient accumulation (several forward/backward passes, or several Poisson batches, per
+optimizer step) is refused, since each sample must be clipped once per accounted step: large
+logical batches go through BatchMemoryManager.
 """
 
 from __future__ import annotations
@@ -73,7 +76,9 @@ class PrivacyEngine:
             noise_multiplier: sigma (noise std = sigma * max_grad_norm, before / E[B]).
             max_grad_norm: per-sample L2 clipping bound C over all parameters.
             loss_reduction: "mean" (loss averaged over the batch) or "sum".
-            poisson_sampling: Poisson batches (required by the accountant's analysis).
+            poisson_sampling: Poisson batches (required by the accountant's analysis). The optimizer
+                then refuses a step after more than one batch was drawn from the returned loader
+                since the previous step (batches concatenated, or gradient accumulation).
             clipping: only "flat".
             grad_sample_mode: accepted for Opacus compatibility and ignored.
             criterion: accepted for Opacus (ghost mode) compatibility and ignored.
@@ -124,6 +129,7 @@ class PrivacyEngine:
             loss_reduction=loss_reduction,
             max_epsilon=max_epsilon,
             target_delta=target_delta,
+            data_loader=loader if poisson_sampling else None,
         )
         self.optimizers.append(dp_opt)
         return private, dp_opt, loader

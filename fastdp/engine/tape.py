@@ -7,8 +7,11 @@ Each wrapped layer's backward records one contribution for its trainable paramet
   factors c [B] are known, the clipped sum sum_i c_i g_i in one weight-gradient computation
   (large layers; the per-sample gradients are never kept).
 
-Contributions are grouped by the forward pass (a "batch") they belong to: samples of different
-batches are different people, so each batch gets its own norms and clip factors.
+Contributions are grouped by the forward pass (a "batch") they belong to. DP-SGD clips each
+sample once per step, so the optimizer refuses a step with more than one recorded batch (two
+forward/backward passes before one step: gradient accumulation) rather than clipping each.
+A backward that fails part-way (a layer refused in its backward) leaves no half-recorded batch:
+the tape is cleared and marks the failure, so that a step() taken anyway is refused.
 """
 
 from __future__ import annotations
@@ -53,7 +56,10 @@ class Batch:
 
 
 class Tape:
-    """Shared state of one private model: the loss reduction and the batches awaiting a step."""
+    """Shared state of one private model: the loss reduction and the batches awaiting a step.
+
+    `failure` holds the message of a backward that failed since the last clear (None if none).
+    """
 
     def __init__(self, loss_reduction: str = "mean") -> None:
         if loss_reduction not in ("mean", "sum"):
@@ -63,6 +69,7 @@ class Tape:
         self.current: Batch | None = None
         self.awaiting_backward = False
         self.enabled = True
+        self.failure: str | None = None
 
     def loss_scale(self, batch_size: int) -> float:
         """Factor turning autograd's grad_output into per-sample-loss gradients."""
@@ -89,7 +96,14 @@ class Tape:
         self.awaiting_backward = False
         batch.contributions.append(contribution)
 
+    def abort(self, message: str) -> None:
+        """A backward failed part-way: drop everything recorded (some layers may already have
+        recorded their part of the batch) and remember why, so that a step() is refused."""
+        self.clear()
+        self.failure = message
+
     def clear(self) -> None:
         self.batches = []
         self.current = None
         self.awaiting_backward = False
+        self.failure = None
