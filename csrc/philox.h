@@ -30,6 +30,34 @@ FASTDP_HD uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
   return static_cast<uint32_t>(p);
 }
 
+// Philox4x32 constants (Salmon et al.): the two round multipliers and the Weyl increments of
+// the key schedule.
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
+constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
+constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
+constexpr int kPhiloxRounds = 10;
+
+// One Philox4x32 round of counter (c0, c1, c2, c3) under key (k0, k1), then the key bump.
+// The only copy of the round: the CUDA kernels, the scalar CPU path and the vectorized CPU
+// noise fill (cpu/noise_fill_cpu.h, which calls philox4x32_10 once per loop iteration and lets
+// the compiler vectorize across iterations) all run it. fastdp/reference.py is the
+// independent oracle the tests compare against.
+FASTDP_HD void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t& k0, uint32_t& k1) {
+  uint32_t hi0, hi1;
+  const uint32_t lo0 = mulhilo32(kPhiloxM0, c0, &hi0);
+  const uint32_t lo1 = mulhilo32(kPhiloxM1, c2, &hi1);
+  const uint32_t n0 = hi1 ^ c1 ^ k0;
+  const uint32_t n2 = hi0 ^ c3 ^ k1;
+  c0 = n0;
+  c1 = lo1;
+  c2 = n2;
+  c3 = lo0;
+  k0 += kPhiloxW0;
+  k1 += kPhiloxW1;
+}
+
+// Philox4x32-10 of counter {block_lo, block_hi, offset_lo, offset_hi} under key {seed_lo, seed_hi}.
 FASTDP_HD Philox4 philox4x32_10(uint64_t block, uint64_t seed, uint64_t offset) {
   uint32_t c0 = static_cast<uint32_t>(block), c1 = static_cast<uint32_t>(block >> 32);
   uint32_t c2 = static_cast<uint32_t>(offset), c3 = static_cast<uint32_t>(offset >> 32);
@@ -37,19 +65,7 @@ FASTDP_HD Philox4 philox4x32_10(uint64_t block, uint64_t seed, uint64_t offset) 
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
-  for (int round = 0; round < 10; ++round) {
-    uint32_t hi0, hi1;
-    const uint32_t lo0 = mulhilo32(0xD2511F53u, c0, &hi0);
-    const uint32_t lo1 = mulhilo32(0xCD9E8D57u, c2, &hi1);
-    const uint32_t n0 = hi1 ^ c1 ^ k0;
-    const uint32_t n2 = hi0 ^ c3 ^ k1;
-    c0 = n0;
-    c1 = lo1;
-    c2 = n2;
-    c3 = lo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
+  for (int round = 0; round < kPhiloxRounds; ++round) philox_round(c0, c1, c2, c3, k0, k1);
   Philox4 r;
   r.x[0] = c0;
   r.x[1] = c1;
@@ -142,18 +158,23 @@ FASTDP_HD float sqrt_hd(float x) {
 #endif
 }
 
+// Box-Muller: two standard normal draws from two Philox words, za from the cosine and zb
+// from the sine. Shared by gaussian4 and the vectorized CPU fill.
+FASTDP_HD void box_muller(uint32_t ra, uint32_t rb, float* za, float* zb) {
+  const float u1 = uniform_open0(ra);
+  const float u2 = uniform_closed0(rb);
+  const float radius = sqrt_hd(-2.0f * poly_logf(u1));
+  float s, c;
+  sincos_2pi(u2, &s, &c);
+  *za = radius * c;
+  *zb = radius * s;
+}
+
 // Four standard normal draws for noise block `block` (elements 4*block .. 4*block+3).
 FASTDP_HD void gaussian4(uint64_t block, uint64_t seed, uint64_t offset, float out[4]) {
   const Philox4 r = philox4x32_10(block, seed, offset);
-  for (int pair = 0; pair < 2; ++pair) {
-    const float u1 = uniform_open0(r.x[2 * pair]);
-    const float u2 = uniform_closed0(r.x[2 * pair + 1]);
-    const float radius = sqrt_hd(-2.0f * poly_logf(u1));
-    float s, c;
-    sincos_2pi(u2, &s, &c);
-    out[2 * pair] = radius * c;
-    out[2 * pair + 1] = radius * s;
-  }
+  box_muller(r.x[0], r.x[1], &out[0], &out[1]);
+  box_muller(r.x[2], r.x[3], &out[2], &out[3]);
 }
 
 // One standard normal draw for global element index e.

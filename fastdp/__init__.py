@@ -3,7 +3,7 @@
 from fastdp import ops, reference
 from fastdp._core import compiled_available, compiled_error, has_kernel
 from fastdp.accounting import Accountant, PrivacyBudgetExceeded, compute_epsilon, get_noise_multiplier
-from fastdp.engine import BatchMemoryManager, PrivacyEngine, fix_batchnorm
+from fastdp.engine import BatchMemoryManager, PrivacyEngine, fix_batchnorm, register_rule
 from fastdp.noise import NoiseSource
 
 __version__ = "0.1.0"
@@ -22,4 +22,5 @@ __all__ = [
     "has_kernel",
     "ops",
     "reference",
+    "register_rule",
 ]

@@ -145,11 +145,13 @@ def _logging(verbose: bool) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from fastdp.experiment.runner import run_experiment
-
     cfg = _load(args)
     if args.out_dir:
         cfg = cfg.replace(out_dir=args.out_dir)
+    if cfg.federated.backend == "flower":
+        from fastdp.flower import run_experiment  # ImportError without the extra: main says what to install
+    else:
+        from fastdp.experiment.runner import run_experiment
     _logging(args.verbose)
     run_dir = run_experiment(cfg, progress=not args.no_progress, report=not args.no_report, fresh=args.fresh)
     print(f"run folder: {run_dir}")

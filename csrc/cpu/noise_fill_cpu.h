@@ -1,7 +1,8 @@
 // Fills a buffer with the Philox Gaussian noise of global elements [first, first + n).
 //
-// The same arithmetic as fastdp::gaussian4 (csrc/philox.h), laid out structure-of-arrays so
-// the compiler vectorizes both the Philox rounds and the Box-Muller transform across blocks:
+// The same functions as fastdp::gaussian4 (csrc/philox.h: philox4x32_10 and box_muller, no
+// copy of either), laid out structure-of-arrays so the compiler vectorizes both the Philox
+// rounds and the Box-Muller transform across blocks:
 // a scalar loop over gaussian4 ran at ~60M normals/s per core here, the SoA loops at several
 // times that.
 #pragma once
@@ -22,37 +23,27 @@ struct NoiseScratch {
   float z[4][kMaxBlocks];
 };
 
+// The vectorized form is this loop, not a second Philox: each iteration runs the scalar
+// fastdp::philox4x32_10 (philox.h) for one block, and with the Philox words stored
+// structure-of-arrays GCC vectorizes the ten rounds across iterations (vpmuludq for the
+// 32x32->64 multiplies), as fast as the hand-inlined round it replaces.
 inline void philox_blocks(int64_t block0, int64_t nb, uint64_t seed, uint64_t offset, NoiseScratch& s) {
-  const uint32_t c2_0 = static_cast<uint32_t>(offset), c3_0 = static_cast<uint32_t>(offset >> 32);
-  const uint32_t k0_0 = static_cast<uint32_t>(seed), k1_0 = static_cast<uint32_t>(seed >> 32);
   uint32_t* __restrict r0 = s.r[0];
   uint32_t* __restrict r1 = s.r[1];
   uint32_t* __restrict r2 = s.r[2];
   uint32_t* __restrict r3 = s.r[3];
 #pragma GCC ivdep
   for (int64_t b = 0; b < nb; ++b) {
-    const uint64_t block = static_cast<uint64_t>(block0 + b);
-    uint32_t c0 = static_cast<uint32_t>(block), c1 = static_cast<uint32_t>(block >> 32);
-    uint32_t c2 = c2_0, c3 = c3_0, k0 = k0_0, k1 = k1_0;
-    for (int round = 0; round < 10; ++round) {
-      const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
-      const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
-      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
-      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
-      c1 = static_cast<uint32_t>(p1);
-      c3 = static_cast<uint32_t>(p0);
-      c0 = n0;
-      c2 = n2;
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
-    r0[b] = c0;
-    r1[b] = c1;
-    r2[b] = c2;
-    r3[b] = c3;
+    const Philox4 r = philox4x32_10(static_cast<uint64_t>(block0 + b), seed, offset);
+    r0[b] = r.x[0];
+    r1[b] = r.x[1];
+    r2[b] = r.x[2];
+    r3[b] = r.x[3];
   }
 }
 
+// Box-Muller over the blocks, lanes (0, 1) and (2, 3) of each block: fastdp::box_muller, the
+// function gaussian4 uses, vectorized across blocks.
 inline void box_muller_blocks(int64_t nb, NoiseScratch& s) {
   for (int pair = 0; pair < 2; ++pair) {
     const uint32_t* __restrict ra = s.r[2 * pair];
@@ -60,15 +51,7 @@ inline void box_muller_blocks(int64_t nb, NoiseScratch& s) {
     float* __restrict za = s.z[2 * pair];
     float* __restrict zb = s.z[2 * pair + 1];
 #pragma GCC ivdep
-    for (int64_t b = 0; b < nb; ++b) {
-      const float u1 = uniform_open0(ra[b]);
-      const float u2 = uniform_closed0(rb[b]);
-      const float radius = sqrt_hd(-2.0f * poly_logf(u1));
-      float sn, cs;
-      sincos_2pi(u2, &sn, &cs);
-      za[b] = radius * cs;
-      zb[b] = radius * sn;
-    }
+    for (int64_t b = 0; b < nb; ++b) box_muller(ra[b], rb[b], &za[b], &zb[b]);
   }
 }
 

@@ -16,6 +16,7 @@
 
 #include "../checks.h"
 #include "../philox.h"
+#include "launch_plan.cuh"
 #include "multi_tensor.cuh"
 
 namespace fastdp {
@@ -67,7 +68,7 @@ struct ClipMeta {
   int64_t row;          // elements per sample (= out numel)
   int64_t block0;       // Philox block of group 0: (noise index of out[0]) / 4
   int64_t groups;       // 4-column noise groups, see noise_groups()
-  int64_t chunk_begin;  // first chunk (block) of this tensor within its launch
+  int64_t chunk_begin;  // first chunk (block) of this tensor within its launch, see launch_plan.cuh
   int32_t shift;        // (noise index of out[0]) % 4: group g covers columns 4g - shift ..
   int32_t flags;        // kVecIn | kVecOut, and the output dtype in bits kOutTypeShift..
 };
@@ -95,10 +96,9 @@ __global__ void __launch_bounds__(kThreads, 4)
   const int64_t row = m.row;
   const acc_t sd = static_cast<acc_t>(noise_std);
   const acc_t sc = static_cast<acc_t>(scale);
-  const int64_t first_group = (chunk - m.chunk_begin) * kThreads * groups_per_thread;
 
   for (int r = 0; r < groups_per_thread; ++r) {
-    const int64_t g = first_group + static_cast<int64_t>(r) * kThreads + threadIdx.x;
+    const int64_t g = chunk_group(chunk, m.chunk_begin, groups_per_thread, r);
     if (g >= m.groups) break;
     const int64_t j0 = 4 * g - m.shift;  // column of lane 0 (may be < 0 in group 0)
     const bool full = j0 >= 0 && j0 + 4 <= row;
@@ -179,17 +179,10 @@ __global__ void __launch_bounds__(kThreads, 4)
   }
 }
 
-struct ClipLaunch {
-  at::ScalarType in_dtype;
-  int first_meta;
-  int n_meta;
-  int64_t chunks;
-};
-
 // Launches the tensors of one input dtype. fp64 inputs always accumulate in fp64, so
 // <double, float> is never instantiated.
 template <typename in_t>
-void launch_group(bool acc_double, const ClipLaunch& launch, const ClipMeta* meta, int groups_per_thread,
+void launch_group(bool acc_double, const GroupLaunch& launch, const ClipMeta* meta, int groups_per_thread,
                   const at::Tensor& coef, int64_t batch, double noise_std, double scale, uint64_t seed, uint64_t offset,
                   cudaStream_t stream, const char* op) {
   const unsigned int blocks = grid_size(launch.chunks, op);
@@ -241,51 +234,29 @@ at::Tensor clip_accumulate_noise_cuda(at::TensorList grads_in, const at::Tensor&
   const auto base = noise_bases(out);
 
   // Describe every non-empty tensor, grouped by input dtype.
-  std::vector<ClipMeta> table;
-  std::vector<ClipLaunch> launches;
-  int64_t total_groups = 0;
-  for (const auto in_dtype : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
-    ClipLaunch launch{in_dtype, static_cast<int>(table.size()), 0, 0};
-    for (size_t k = 0; k < grads.size(); ++k) {
-      const auto& g = grads[k];
-      const auto& o = out[k];
-      if (g.scalar_type() != in_dtype) continue;
-      const int64_t row = o.numel();
-      const int32_t shift = static_cast<int32_t>(base[k] & 3);
-      const int64_t groups = noise_groups(row, shift);
-      if (groups == 0) continue;
-      const void* in_ptr = g.const_data_ptr();
-      void* out_ptr = o.data_ptr();
-      int32_t flags = out_type_code(o.scalar_type()) << kOutTypeShift;
-      if (shift == 0 && row % 4 == 0 && aligned_to(in_ptr, 4 * g.element_size())) flags |= kVecIn;
-      if (shift == 0 && aligned_to(out_ptr, 4 * o.element_size())) flags |= kVecOut;
-      table.push_back({in_ptr, out_ptr, row, base[k] >> 2, groups, 0, shift, flags});
-      total_groups += groups;
-    }
-    launch.n_meta = static_cast<int>(table.size()) - launch.first_meta;
-    if (launch.n_meta > 0) launches.push_back(launch);
-  }
-  if (table.empty()) return coef;
+  const auto plan = plan_group_launches<ClipMeta>(
+      grads.size(), base, device, [&](size_t k) { return grads[k].scalar_type(); },
+      [&](size_t k) { return out[k].numel(); },
+      [&](size_t k, int64_t block0, int64_t groups, int32_t shift) {
+        const auto& g = grads[k];
+        const auto& o = out[k];
+        const int64_t row = o.numel();
+        const void* in_ptr = g.const_data_ptr();
+        void* out_ptr = o.data_ptr();
+        int32_t flags = out_type_code(o.scalar_type()) << kOutTypeShift;
+        if (shift == 0 && row % 4 == 0 && aligned_to(in_ptr, 4 * g.element_size())) flags |= kVecIn;
+        if (shift == 0 && aligned_to(out_ptr, 4 * o.element_size())) flags |= kVecOut;
+        return ClipMeta{in_ptr, out_ptr, row, block0, groups, 0, shift, flags};
+      });
+  if (plan.empty()) return coef;
 
-  // Enough blocks to fill the GPU several times over, as few as that allows.
-  int groups_per_thread = 8;
-  const int64_t target_blocks = 8LL * sm_count(device);
-  while (groups_per_thread > 1 && total_groups < target_blocks * kThreads * groups_per_thread) groups_per_thread >>= 1;
-  const int64_t groups_per_chunk = static_cast<int64_t>(kThreads) * groups_per_thread;
-  for (auto& launch : launches) {
-    for (int t = launch.first_meta; t < launch.first_meta + launch.n_meta; ++t) {
-      table[t].chunk_begin = launch.chunks;
-      launch.chunks += (table[t].groups + groups_per_chunk - 1) / groups_per_chunk;
-    }
-  }
-
-  const auto table_dev = upload_table(table, device);
+  const auto table_dev = upload_table(plan.table, device);
   const auto* meta = reinterpret_cast<const ClipMeta*>(table_dev.const_data_ptr());
   // noise_std and scale stay double to the kernel, which casts them to its accumulation type
   // (a float scale would cost fp64 outputs 1e-8 relative error, as on the CPU).
-  for (const auto& launch : launches) {
-    FASTDP_DISPATCH_FLOAT(launch.in_dtype, op, in_t, [&] {
-      launch_group<in_t>(acc_double, launch, meta, groups_per_thread, coef, batch, noise_std, scale,
+  for (const auto& launch : plan.launches) {
+    FASTDP_DISPATCH_FLOAT(launch.dtype, op, in_t, [&] {
+      launch_group<in_t>(acc_double, launch, meta, plan.groups_per_thread, coef, batch, noise_std, scale,
                          static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), stream, op);
     });
   }

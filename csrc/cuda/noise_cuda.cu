@@ -11,6 +11,7 @@
 
 #include "../checks.h"
 #include "../philox.h"
+#include "launch_plan.cuh"
 #include "multi_tensor.cuh"
 
 namespace fastdp {
@@ -22,7 +23,7 @@ struct NoiseMeta {
   int64_t numel;
   int64_t block0;       // Philox block of group 0: (noise index of data[0]) / 4
   int64_t groups;       // 4-element noise groups, see noise_groups()
-  int64_t chunk_begin;  // first chunk (block) of this tensor within its launch
+  int64_t chunk_begin;  // first chunk (block) of this tensor within its launch, see launch_plan.cuh
   int32_t shift;        // (noise index of data[0]) % 4: group g covers elements 4g - shift ..
   int32_t vec;          // 1: shift == 0 and data aligned, so full groups are 4-wide accesses
 };
@@ -37,10 +38,9 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* __restrict__ x = static_cast<scalar_t*>(m.data);
   const acc_t sd = static_cast<acc_t>(noise_std);
   const acc_t sc = static_cast<acc_t>(scale);  // as the CPU: straight from double
-  const int64_t first_group = (chunk - m.chunk_begin) * kThreads * groups_per_thread;
 
   for (int r = 0; r < groups_per_thread; ++r) {
-    const int64_t g = first_group + static_cast<int64_t>(r) * kThreads + threadIdx.x;
+    const int64_t g = chunk_group(chunk, m.chunk_begin, groups_per_thread, r);
     if (g >= m.groups) break;
     const int64_t j0 = 4 * g - m.shift;
     const bool full = j0 >= 0 && j0 + 4 <= m.numel;
@@ -83,13 +83,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-struct NoiseLaunch {
-  at::ScalarType dtype;
-  int first_meta;
-  int n_meta;
-  int64_t chunks;
-};
-
 void add_noise_scale_cuda(at::TensorList grads, double noise_std, double scale, int64_t seed, int64_t offset) {
   const char* op = "add_noise_scale_";
   check_noise_args(noise_std, scale, offset, op);
@@ -104,47 +97,24 @@ void add_noise_scale_cuda(at::TensorList grads, double noise_std, double scale, 
   for (const auto& g : grads) work.push_back(g.contiguous());
   const auto base = noise_bases(grads);
 
-  std::vector<NoiseMeta> table;
-  std::vector<NoiseLaunch> launches;
-  int64_t total_groups = 0;
-  for (const auto dtype : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
-    NoiseLaunch launch{dtype, static_cast<int>(table.size()), 0, 0};
-    for (size_t k = 0; k < work.size(); ++k) {
-      const auto& w = work[k];
-      if (w.scalar_type() != dtype) continue;
-      const int32_t shift = static_cast<int32_t>(base[k] & 3);
-      const int64_t groups = noise_groups(w.numel(), shift);
-      if (groups == 0) continue;
-      void* data = w.data_ptr();
-      const bool vec = shift == 0 && aligned_to(data, 4 * w.element_size());
-      table.push_back({data, w.numel(), base[k] >> 2, groups, 0, shift, vec ? 1 : 0});
-      total_groups += groups;
-    }
-    launch.n_meta = static_cast<int>(table.size()) - launch.first_meta;
-    if (launch.n_meta > 0) launches.push_back(launch);
-  }
+  const auto plan = plan_group_launches<NoiseMeta>(
+      work.size(), base, device, [&](size_t k) { return work[k].scalar_type(); },
+      [&](size_t k) { return work[k].numel(); },
+      [&](size_t k, int64_t block0, int64_t groups, int32_t shift) {
+        void* data = work[k].data_ptr();
+        const bool vec = shift == 0 && aligned_to(data, 4 * work[k].element_size());
+        return NoiseMeta{data, work[k].numel(), block0, groups, 0, shift, vec ? 1 : 0};
+      });
 
-  if (!table.empty()) {
-    int groups_per_thread = 8;
-    const int64_t target_blocks = 8LL * sm_count(device);
-    while (groups_per_thread > 1 && total_groups < target_blocks * kThreads * groups_per_thread) {
-      groups_per_thread >>= 1;
-    }
-    const int64_t groups_per_chunk = static_cast<int64_t>(kThreads) * groups_per_thread;
-    for (auto& launch : launches) {
-      for (int t = launch.first_meta; t < launch.first_meta + launch.n_meta; ++t) {
-        table[t].chunk_begin = launch.chunks;
-        launch.chunks += (table[t].groups + groups_per_chunk - 1) / groups_per_chunk;
-      }
-    }
-    const auto table_dev = upload_table(table, device);
+  if (!plan.empty()) {
+    const auto table_dev = upload_table(plan.table, device);
     const auto* meta = reinterpret_cast<const NoiseMeta*>(table_dev.const_data_ptr());
-    for (const auto& launch : launches) {
+    for (const auto& launch : plan.launches) {
       const unsigned int blocks = grid_size(launch.chunks, op);
       FASTDP_DISPATCH_FLOAT(launch.dtype, op, scalar_t, [&] {
-        add_noise_scale_kernel<scalar_t>
-            <<<blocks, kThreads, 0, stream>>>(meta + launch.first_meta, launch.n_meta, groups_per_thread, noise_std,
-                                              scale, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
+        add_noise_scale_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+            meta + launch.first_meta, launch.n_meta, plan.groups_per_thread, noise_std, scale,
+            static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }

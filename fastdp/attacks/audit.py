@@ -27,6 +27,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fastdp.accounting import compute_epsilon
+from fastdp.engine import PrivacyEngine
+
 
 def clopper_pearson(successes: int, trials: int, alpha: float = 0.05) -> tuple[float, float]:
     """Exact two-sided (1 - alpha) Clopper-Pearson interval for a binomial proportion.
@@ -200,8 +203,6 @@ def audit_dp_sgd(
         progress: print a line every 10% of the trials.
     Returns: :class:`AuditResult`. Runtime: a few ms per trial and step on a CPU.
     """
-    import fastdp
-
     if trials < 4:
         raise ValueError(f"need trials >= 4, got {trials}")
     claimed = noise_multiplier if claimed_noise_multiplier is None else claimed_noise_multiplier
@@ -220,7 +221,7 @@ def audit_dp_sgd(
         data = _world(world, dim, dataset_size, canary_norm, gen)
         model = nn.Linear(dim, 1, bias=False)
         opt = torch.optim.SGD(model.parameters(), lr=lr)
-        engine = fastdp.PrivacyEngine(seed=seed * 2 + int(world))
+        engine = PrivacyEngine(seed=seed * 2 + int(world))
         model, opt, loader = engine.make_private(
             module=model,
             optimizer=opt,
@@ -256,7 +257,7 @@ def audit_dp_sgd(
     fp, fn = int((ev_out > t).sum()), int((ev_in <= t).sum())
     fpr, fnr = fp / len(ev_out), fn / len(ev_in)
     eps_lb = epsilon_lower_bound(fp, len(ev_out), fn, len(ev_in), delta, alpha)
-    eps_acc = math.inf if claimed <= 0 else fastdp.compute_epsilon(sample_rate, claimed, steps, delta)
+    eps_acc = math.inf if claimed <= 0 else compute_epsilon(sample_rate, claimed, steps, delta)
     return AuditResult(
         epsilon_lower=eps_lb,
         epsilon_point=epsilon_from_rates(fpr, fnr, delta),

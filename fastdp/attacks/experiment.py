@@ -20,7 +20,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fastdp.accounting import compute_epsilon
 from fastdp.attacks.inversion import invert_gradients, rank_references
+from fastdp.attacks.metrics import best_trivial, reconstruction_metrics, trivial_guess_metrics, trivial_guesses
+from fastdp.data import PhantomDataset
+from fastdp.engine import PrivacyEngine
+from fastdp.federated import DPConfig, Site
+from fastdp.models import build_model, dice_ce_criterion
 from fastdp.noise import ReproducibleNoiseWarning
 
 
@@ -32,8 +38,6 @@ def pretrain(
     A server attacks a model that has trained for a while, and an untrained net's gradients
     carry less of the image (measured in the issue); a few dozen steps are enough for that.
     """
-    from fastdp.models import dice_ce_criterion
-
     crit = dice_ce_criterion()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(0)
@@ -71,16 +75,13 @@ def site_update(
         seed: the DP noise seed.
     Returns: name -> delta for every floating-point entry of ``model.state_dict()``.
     """
-    import fastdp
-    from fastdp.models import dice_ce_criterion
-
     local = copy.deepcopy(model)
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(local.parameters(), lr=lr)
     crit = dice_ce_criterion()
     loader = DataLoader(TensorDataset(images, masks), batch_size=images.shape[0])
     if noise_multiplier is not None:
-        engine = fastdp.PrivacyEngine(seed=seed)
+        engine = PrivacyEngine(seed=seed)
         local, opt, loader = engine.make_private(
             module=local,
             optimizer=opt,
@@ -108,18 +109,13 @@ def federated_site_update(
     local_steps: int = 1,
     lr: float = 0.1,
     seed: int = 0,
-) -> dict[str, torch.Tensor] | None:
+) -> dict[str, torch.Tensor]:
     """:func:`site_update` through ``fastdp.federated.Site.local_update`` (``SiteUpdate.delta``).
 
     The site holds exactly this batch, takes ``local_steps`` plain-SGD steps with expected
     batch size B (Poisson rate 1: the whole batch each step) and DP-SGD when ``noise_multiplier``
-    is set. Returns None when ``fastdp.federated`` is not installed (then use :func:`site_update`,
-    which computes the same update with the engine directly).
+    is set (:func:`site_update` computes the same update with the engine directly).
     """
-    try:
-        from fastdp.federated import DPConfig, Site
-    except ImportError:
-        return None
     # Seeded noise keeps the attack experiment repeatable; the attack never uses the seed, so this
     # does not help it (a deployed site draws its seed from the CSPRNG, docs/privacy.md).
     dp = (
@@ -283,11 +279,6 @@ def run_attack_experiment(
         (mean body SSIM minus the best trivial guess's), "attack_seconds", "objective"}, ...],
         "trivial": {"B": {guess: {metric: [B]}}}, "pngs": [paths], "shared_by", "seconds"}.
     """
-    import fastdp
-    from fastdp.attacks.metrics import best_trivial, reconstruction_metrics, trivial_guess_metrics, trivial_guesses
-    from fastdp.data import PhantomDataset
-    from fastdp.models import build_model
-
     start = time.perf_counter()
     old_threads = torch.get_num_threads()
     if threads:
@@ -318,7 +309,7 @@ def run_attack_experiment(
         dp_sigmas = list(dict.fromkeys(dp_sigmas))
         cfg = {**DEFAULT_ATTACK, "lr": lr, "tv_weight": tv_weight, "restarts": restarts, **(attack or {})}
         runs, pngs, trivial_all = [], [], {}
-        shared_by = "fastdp.PrivacyEngine"
+        shared_by = "fastdp.federated.Site"
         for b in batch_sizes:
             x, m = images[:b].float(), masks[:b].long()
             if m.dim() == 4:
@@ -331,10 +322,6 @@ def run_attack_experiment(
             for sigma in [None, *dp_sigmas]:
                 kw = dict(noise_multiplier=sigma, max_grad_norm=max_grad_norm, local_steps=local_steps, lr=local_lr)
                 delta = federated_site_update(net, x, m, seed=seed, **kw)
-                if delta is None:
-                    delta = site_update(net, x, m, seed=seed, **kw)
-                else:
-                    shared_by = "fastdp.federated.Site"
                 clip = None if sigma is None else max_grad_norm
                 t0 = time.perf_counter()
                 if ref_x is not None and b == 1 and known_mask:
@@ -377,7 +364,7 @@ def run_attack_experiment(
                 label = "non-private" if sigma is None else f"DP sigma={sigma:g}"
                 recons[label], scores[label] = recon, met["body_ssim"]
                 mean = {k: _mean(v) for k, v in met.items()}
-                eps = None if sigma is None else fastdp.compute_epsilon(1.0, sigma, local_steps, 1e-5)
+                eps = None if sigma is None else compute_epsilon(1.0, sigma, local_steps, 1e-5)
                 runs.append(
                     {
                         "batch_size": b,

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from fastdp.atomic import atomic_write
 from fastdp.data.phantom import HU_WINDOW
 
 _CACHE_VERSION = 1
@@ -224,9 +225,7 @@ class MSDSliceDataset(Dataset):
         if paths is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             for arr, p in zip(out, paths, strict=True):
-                tmp = p.with_name(p.name + f".tmp{os.getpid()}.npy")
-                np.save(tmp, arr)
-                os.replace(tmp, p)  # atomic: a crash never leaves a half-written cache file
+                atomic_write(p, lambda f, arr=arr: np.save(f, arr))  # a crash never leaves a half-written cache
             return tuple(np.load(p, mmap_mode="r") for p in paths)
         return out
 

@@ -8,6 +8,7 @@ from fastdp.engine.errors import PrivacyStepError, UnsupportedModuleError
 from fastdp.engine.grad_sample import PrivateModule
 from fastdp.engine.optimizer import DPOptimizer
 from fastdp.engine.privacy_engine import PrivacyEngine
+from fastdp.engine.rules import register_rule, unregister_rule
 
 __all__ = [
     "BatchMemoryManager",
@@ -20,4 +21,6 @@ __all__ = [
     "PrivateModule",
     "UnsupportedModuleError",
     "fix_batchnorm",
+    "register_rule",
+    "unregister_rule",
 ]

@@ -1,7 +1,7 @@
 """PrivateModule: wraps a model so its backward records per-sample gradient information.
 
 Every submodule with trainable parameters gets its forward replaced (on the instance, not the
-class) by a per-layer rule from fastdp.engine.layers; the model itself is otherwise unchanged
+class) by its registered rule (fastdp.engine.rules); the model itself is otherwise unchanged
 and trains as before. BatchNorm is refused (it mixes samples); modules the rules do not know
 go through the generic torch.func path, or are refused with an error naming them. A layer with a
 fast rule is refused too when the rule would not cover its trainable parameters (weight norm,
@@ -18,12 +18,9 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from fastdp.engine import layers
 from fastdp.engine.errors import PrivacyStepError, UnsupportedModuleError
+from fastdp.engine.rules import GENERIC_RULE, Call, ConvTuner, Rule, default_conv_method, rule_for, supported_names
 from fastdp.engine.tape import Tape
-
-# The attributes a fast rule reads its parameters from (layers.*_forward: module.weight, module.bias).
-RULE_PARAMS = ("weight", "bias")
 
 
 def _kind(module: nn.Module) -> str:
@@ -66,15 +63,21 @@ def _check_parametrized(name: str, module: nn.Module) -> None:
     )
 
 
-def _check_rule_params(name: str, module: nn.Module) -> None:
+def _and(names: tuple[str, ...]) -> str:
+    return " and ".join(names) if len(names) <= 2 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _check_rule_params(name: str, module: nn.Module, rule: Rule) -> None:
     """Refuses a module with a fast rule whose trainable parameters are not exactly the registered
-    leaf `weight` / `bias` the rule records per-sample gradients for (legacy weight_norm and
-    spectral_norm register weight_g / weight_v or weight_orig and compute `weight` in a hook)."""
-    registered = {id(module._parameters[a]) for a in RULE_PARAMS if module._parameters.get(a) is not None}
+    leaves the rule records per-sample gradients for (rule.params, default weight / bias; legacy
+    weight_norm and spectral_norm register weight_g / weight_v or weight_orig and compute `weight`
+    in a hook)."""
+    covered = rule.params
+    registered = {id(module._parameters[a]) for a in covered if module._parameters.get(a) is not None}
     stray = [n for n, p in module._parameters.items() if p is not None and p.requires_grad and id(p) not in registered]
     computed = [
         a
-        for a in RULE_PARAMS
+        for a in covered
         if isinstance(getattr(module, a, None), torch.Tensor)
         and getattr(module, a).requires_grad
         and getattr(module, a) is not module._parameters.get(a)
@@ -98,20 +101,19 @@ def _check_rule_params(name: str, module: nn.Module) -> None:
                 "Parameter the rule expects (computed or replaced, e.g. by a forward pre-hook)"
             )
         if stray:
-            parts.append(f"its trainable parameter(s) {', '.join(stray)} are not the rule's weight/bias")
+            parts.append(f"its trainable parameter(s) {', '.join(stray)} are not the rule's {'/'.join(covered)}")
         what = "; ".join(parts)
-        fix = "Make weight and bias the module's only trainable parameters, registered as leaves"
-    supported = set(layers.supported_names())
-    rule = next((c.__name__ for c in type(module).__mro__ if c.__name__ in supported), type(module).__name__)
+        fix = f"Make {_and(covered)} the module's only trainable parameters, registered as leaves"
     raise UnsupportedModuleError(
-        f"fastdp: module '{name}' ({type(module).__name__}): {what}. fastdp's {rule} rule gives per-sample "
-        "gradients for the layer's registered weight and bias only, so the other parameters would get noise "
-        f"only and never learn. {fix}, or freeze those parameters (requires_grad_(False))."
+        f"fastdp: module '{name}' ({type(module).__name__}): {what}. fastdp's {rule.module_class.__name__} rule "
+        f"gives per-sample gradients for the layer's registered {_and(covered)} only, so the other parameters "
+        f"would get noise only and never learn. {fix}, or freeze those parameters (requires_grad_(False))."
     )
 
 
-def _check_module(name: str, module: nn.Module, allow_generic: bool):
-    """Returns the forward rule for `module` ('skip' when it has no trainable parameters)."""
+def _check_module(name: str, module: nn.Module, allow_generic: bool) -> Rule | None:
+    """The rule `module` runs through: its registered rule, GENERIC_RULE, or None when it has no
+    trainable parameters of its own (left as it is). Refuses what no rule can make exact."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         raise UnsupportedModuleError(
             f"fastdp: module '{name}' is {type(module).__name__}: BatchNorm mixes the samples of a batch, "
@@ -119,12 +121,12 @@ def _check_module(name: str, module: nn.Module, allow_generic: bool):
             "model = fastdp.fix_batchnorm(model)."
         )
     _check_parametrized(name, module)
-    rule = layers.rule_for(module)
+    rule = rule_for(module)
     if rule is not None:
-        _check_rule_params(name, module)
+        _check_rule_params(name, module, rule)
     own = [p for p in module.parameters(recurse=False) if p.requires_grad]
     if not own:
-        return "skip"
+        return None
     if rule is not None:
         return rule
     children_trainable = any(p.requires_grad for c in module.children() for p in c.parameters())
@@ -136,10 +138,10 @@ def _check_module(name: str, module: nn.Module, allow_generic: bool):
         )
         raise UnsupportedModuleError(
             f"fastdp: module '{name}' ({type(module).__name__}) has trainable parameters the engine has no "
-            f"per-sample rule for, and {why}. Supported layers: {', '.join(layers.supported_names())}. "
+            f"per-sample rule for, and {why}. Supported layers: {', '.join(supported_names())}. "
             "Freeze its parameters (requires_grad_(False)) or restructure it."
         )
-    return "generic"
+    return GENERIC_RULE
 
 
 class PrivateModule(nn.Module):
@@ -149,24 +151,35 @@ class PrivateModule(nn.Module):
         module: the model; its submodules' forwards are patched in place.
         loss_reduction: "mean" (loss = mean of per-sample losses) or "sum".
         allow_generic: let unknown modules with own parameters use the torch.func path.
+        conv_method: how per-sample conv weight gradients are computed: "auto" (timed per layer
+            shape, the fastest kept), or a fixed "grouped", "loop" or "unfold" (runs compared for
+            equality across processes need a fixed one: the methods agree to float rounding).
+            None: $FASTDP_CONV_METHOD if set, else "auto" (read now, not at import).
     """
 
-    def __init__(self, module: nn.Module, loss_reduction: str = "mean", allow_generic: bool = True) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        loss_reduction: str = "mean",
+        allow_generic: bool = True,
+        conv_method: str | None = None,
+    ) -> None:
         super().__init__()
         self._module = module
         self.tape = Tape(loss_reduction)
+        self.conv_tuner = ConvTuner(default_conv_method() if conv_method is None else conv_method)
         self._in_forward = False
         plan = [(n, m, _check_module(n or type(module).__name__, m, allow_generic)) for n, m in module.named_modules()]
         self._patched: list[nn.Module] = []
         for name, m, rule in plan:
-            if rule != "skip":
+            if rule is not None:
                 self._patch(name or type(module).__name__, m, rule)
         self.trainable = [p for p in module.parameters() if p.requires_grad]
         self.trainable_names = [n for n, p in module.named_parameters() if p.requires_grad]
 
-    def _patch(self, name: str, m: nn.Module, rule) -> None:
+    def _patch(self, name: str, m: nn.Module, rule: Rule) -> None:
         orig = m.forward
-        tape = self.tape
+        tape, tuner = self.tape, self.conv_tuner
         owner = self
 
         def forward(mod, *args, **kwargs):
@@ -174,10 +187,8 @@ class PrivateModule(nn.Module):
                 return orig(*args, **kwargs)
             if not args or not isinstance(args[0], torch.Tensor):
                 raise ValueError(f"fastdp: module '{name}' needs a batch-first tensor as first argument")
-            call = layers.Call(mod, name, tape, tape.note_forward(name, args[0].shape[0]))
-            if rule == "generic":
-                return layers.generic_forward(mod, call, orig, *args, **kwargs)
-            return rule(mod, call, *args, **kwargs)
+            call = Call(mod, name, tape, tape.note_forward(name, args[0].shape[0]), tuner)
+            return rule.forward(mod, call, *args, **kwargs)
 
         m._fastdp_orig_forward = orig
         m._fastdp_bypass = False

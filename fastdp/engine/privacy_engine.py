@@ -64,6 +64,7 @@ class PrivacyEngine:
         max_epsilon: float | None = None,
         target_delta: float | None = None,
         allow_generic: bool = True,
+        conv_method: str | None = None,
         **kwargs,
     ):
         """Returns (private model, DP optimizer, Poisson-sampling data loader).
@@ -85,6 +86,8 @@ class PrivacyEngine:
             max_epsilon, target_delta: refuse (PrivacyBudgetExceeded) any step after which
                 epsilon at target_delta would exceed max_epsilon, before updating.
             allow_generic: unknown layers with own parameters use a torch.func path (else refused).
+            conv_method: per-sample conv method of this private model: "auto" (timed per layer
+                shape), "grouped", "loop" or "unfold"; None: $FASTDP_CONV_METHOD, else "auto".
         """
         if kwargs:
             warnings.warn(f"fastdp.make_private ignores arguments {sorted(kwargs)}", stacklevel=2)
@@ -98,9 +101,14 @@ class PrivacyEngine:
             raise ValueError("per-layer max_grad_norm (clipping='per_layer') is not supported")
         if self.secure_mode and not poisson_sampling:
             warnings.warn("secure_mode without Poisson sampling: the accounting assumes Poisson", stacklevel=2)
-        private = module if isinstance(module, PrivateModule) else PrivateModule(module, loss_reduction, allow_generic)
+        if isinstance(module, PrivateModule):
+            private = module
+        else:
+            private = PrivateModule(module, loss_reduction, allow_generic, conv_method)
         if private.tape.loss_reduction != loss_reduction:
             raise ValueError("module was already wrapped with another loss_reduction")
+        if conv_method is not None and private.conv_tuner.method != conv_method:
+            raise ValueError(f"module was already wrapped with conv_method={private.conv_tuner.method!r}")
         opt_ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = [n for n, p in zip(private.trainable_names, private.trainable, strict=True) if id(p) not in opt_ids]
         if missing:

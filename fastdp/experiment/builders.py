@@ -1,7 +1,7 @@
 """The one way to build a federation from an :class:`ExperimentConfig`: runs, model, Sites, Strategy, Simulation.
 
 Both training backends use these builders: the in-process :class:`fastdp.federated.Simulation`
-(:func:`build_simulation`) and the Flower deployment (:mod:`fastdp.federated.flower`, whose
+(:func:`build_simulation`) and the Flower deployment (:mod:`fastdp.flower`, whose
 ClientApp calls :func:`build_site` with its SuperNode's partition id and whose ServerApp calls
 :func:`build_strategy` and :func:`simulation_options`). Everything but a DP site's noise
 and sampling seeds (from the OS CSPRNG unless dp.reproducible_noise) is deterministic in
@@ -23,6 +23,8 @@ from torch import nn
 
 from fastdp.experiment.config import ConfigError, ExperimentConfig
 from fastdp.experiment.data import ExperimentData
+from fastdp.federated import DPConfig, DPFedAvg, FedAvg, FedProx, Simulation, Site, Strategy
+from fastdp.models import build_model
 
 __all__ = [
     "RunSpec",
@@ -30,7 +32,6 @@ __all__ = [
     "build_site",
     "build_sites",
     "build_strategy",
-    "federated_module",
     "find_run",
     "history_config",
     "model_factory",
@@ -76,18 +77,6 @@ def find_run(cfg: ExperimentConfig, label: str) -> RunSpec:
     raise ConfigError(f"run {label!r}: not a run of this config; its runs are {[r.label for r in runs]}")
 
 
-def federated_module():
-    """The fastdp.federated module, or an ImportError that says what the builders need from it."""
-    try:
-        import fastdp.federated as federated
-    except ImportError as exc:
-        raise ImportError(
-            "`fastdp run` needs fastdp.federated (Site, DPConfig, FedAvg, FedProx, DPFedAvg, Simulation), "
-            f"which could not be imported: {exc}"
-        ) from exc
-    return federated
-
-
 def resolve_device(cfg: ExperimentConfig) -> str:
     """The torch device of ``cfg.device`` ("auto": cuda when available)."""
     if cfg.device == "auto":
@@ -99,8 +88,6 @@ def resolve_device(cfg: ExperimentConfig) -> str:
 
 def model_factory(cfg: ExperimentConfig) -> Callable[[], nn.Module]:
     """A zero-argument function building a fresh model of the configured kind (what Site and Simulation take)."""
-    from fastdp.models import build_model
-
     name, kwargs = cfg.model.name, dict(cfg.model.kwargs)
 
     def make() -> nn.Module:
@@ -118,27 +105,13 @@ def num_sites(cfg: ExperimentConfig, run: RunSpec) -> int:
     return 1 if run.mode == "centralised" else len(cfg.data.sites)
 
 
-def _site_dp(cfg: ExperimentConfig, run: RunSpec, site: str, federated):
-    """The federated DPConfig of one site in a DP run (None outside DP runs)."""
-    if run.mode != "dp":
-        return None
-    dp = cfg.dp
-    target = run.target_epsilon if run.target_epsilon is not None else dp.target_epsilon
-    sigma = dp.noise_multiplier if run.target_epsilon is None else None
-    return federated.DPConfig(
-        noise_multiplier=sigma,
-        target_epsilon=None if sigma is not None else target,
-        max_grad_norm=dp.max_grad_norm,
-        delta=dp.delta,
-        epsilon_budget=dp.budget_for(site),
-        accountant=dp.accountant,
-        reproducible_noise=dp.reproducible_noise,
-    )
+def _site_dp(cfg: ExperimentConfig, run: RunSpec, site: str) -> DPConfig | None:
+    """The DPConfig of one site in a DP run (None outside DP runs)."""
+    return cfg.dp.for_site(site, run.target_epsilon) if run.mode == "dp" else None
 
 
-def build_strategy(cfg: ExperimentConfig, run: RunSpec):
+def build_strategy(cfg: ExperimentConfig, run: RunSpec) -> Strategy:
     """The server strategy of the run: FedAvg, FedProx, or DP-FedAvg (only in the "dp" run)."""
-    federated = federated_module()
     fed = cfg.federated
     n_sites = num_sites(cfg, run)
     # sites_per_round k of N sites: FedAvg asks round(k/N * N) = k sites; DP-FedAvg samples each
@@ -146,7 +119,7 @@ def build_strategy(cfg: ExperimentConfig, run: RunSpec):
     fraction = 1.0 if fed.sites_per_round is None or run.mode == "centralised" else fed.sites_per_round / n_sites
     # User-level DP at the server belongs to the DP run; the non-private baseline averages plainly.
     if fed.strategy == "dp-fedavg" and run.mode == "dp":
-        return federated.DPFedAvg(
+        return DPFedAvg(
             clip_norm=fed.server_clip_norm,
             noise_multiplier=fed.server_noise_multiplier,
             sample_rate=fraction,
@@ -157,8 +130,8 @@ def build_strategy(cfg: ExperimentConfig, run: RunSpec):
             seed=cfg.seed if cfg.dp.reproducible_noise else None,
         )
     if fed.strategy == "fedprox":
-        return federated.FedProx(mu=fed.fedprox_mu, fraction_fit=fraction)
-    return federated.FedAvg(fraction_fit=fraction)
+        return FedProx(mu=fed.fedprox_mu, fraction_fit=fraction)
+    return FedAvg(fraction_fit=fraction)
 
 
 def build_site(
@@ -168,7 +141,7 @@ def build_site(
     index: int,
     make_model: Callable[[], nn.Module] | None = None,
     device: str | torch.device = "cpu",
-):
+) -> Site:
     """Site number ``index`` (0-based, in ``cfg.data.sites`` order) of the run, on ``data`` from build_data.
 
     Deterministic in (cfg, run, index) except for a DP site's noise and sampling seeds, which come
@@ -176,7 +149,6 @@ def build_site(
     SuperNode with partition-id ``index`` builds the same Site (data, sigma, and with reproducible
     noise the same seeds) as the in-process Simulation.
     """
-    federated = federated_module()
     n = num_sites(cfg, run)
     if not 0 <= index < n:
         raise ValueError(f"site index {index} out of range: run {run.label!r} has {n} site(s)")
@@ -190,15 +162,15 @@ def build_site(
         # compute matches the federated runs.
         train, val = data.pooled()
         steps = fed.local_steps * len(data.train)
-        return federated.Site("pooled", train, val, make_model, local_steps=steps, seed=cfg.seed, **common)
+        return Site("pooled", train, val, make_model, local_steps=steps, seed=cfg.seed, **common)
     name = list(data.train)[index]
-    return federated.Site(
+    return Site(
         name,
         data.train[name],
         data.val[name],
         make_model,
         local_steps=fed.local_steps,
-        dp=_site_dp(cfg, run, name, federated),
+        dp=_site_dp(cfg, run, name),
         seed=cfg.seed * 1000 + index,  # the same per-site sampling stream in every run: paired comparison
         **common,
     )
@@ -210,7 +182,7 @@ def build_sites(
     data: ExperimentData,
     make_model: Callable[[], nn.Module] | None = None,
     device: str | torch.device = "cpu",
-) -> list:
+) -> list[Site]:
     """Every Site of the run, in ``cfg.data.sites`` order (one "pooled" site when centralised)."""
     make_model = make_model if make_model is not None else model_factory(cfg)
     n = 1 if run.mode == "centralised" else len(data.train)
@@ -242,13 +214,10 @@ def build_simulation(
     make_model: Callable[[], nn.Module] | None = None,
     device: str | None = None,
     **kwargs,
-):
+) -> Simulation:
     """The in-process Simulation of the run. kwargs (out_dir, checkpoint_dir, progress, ...) go to Simulation."""
-    federated = federated_module()
     make_model = make_model if make_model is not None else model_factory(cfg)
     device = device if device is not None else resolve_device(cfg)
     options = simulation_options(cfg, run, data, device)
     options.update(kwargs)
-    return federated.Simulation(
-        build_sites(cfg, run, data, make_model, device), build_strategy(cfg, run), make_model, **options
-    )
+    return Simulation(build_sites(cfg, run, data, make_model, device), build_strategy(cfg, run), make_model, **options)

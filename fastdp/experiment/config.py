@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from fastdp.experiment import tomlio
+from fastdp.federated.dp_config import DPConfig
+from fastdp.federated.site import OPTIMIZERS
 
 __all__ = [
     "AttackConfig",
     "ConfigError",
-    "DPConfig",
+    "DPSettings",
     "DataConfig",
     "ExperimentConfig",
     "FederatedConfig",
@@ -146,7 +148,7 @@ class FederatedConfig:
         local_steps: optimizer steps per site per round.
         batch_size: (expected, under Poisson sampling) batch size of a local step.
         lr: local learning rate.
-        optimizer: ``"adam"`` or ``"sgd"``.
+        optimizer: ``"adam"``, ``"sgd"`` or ``"sgdm"`` (SGD with momentum 0.9).
         sites_per_round: sites sampled each round (None: all take part every round).
         strategy: ``"fedavg"`` (weighted by samples), ``"fedprox"`` or ``"dp-fedavg"``
             (user-level DP at the server; only in the "dp" mode, the "nonprivate" run uses FedAvg).
@@ -158,7 +160,7 @@ class FederatedConfig:
             Ignored under DP-FedAvg, whose clipping to ``server_clip_norm`` bounds every update.
         backend: ``"simulation"`` (every site in this process, checkpointed, resumable) or
             ``"flower"`` (a Flower SuperLink and one SuperNode per site as separate processes on
-            127.0.0.1, via :func:`fastdp.federated.flower.launch_local`; needs ``fastdp[flower]``).
+            127.0.0.1, via :func:`fastdp.flower.launch_local`; needs ``fastdp[flower]``).
             Both train the same Sites and write the same run folder.
     """
 
@@ -180,7 +182,7 @@ class FederatedConfig:
         _positive_int(f"{p}.local_steps", self.local_steps)
         _positive_int(f"{p}.batch_size", self.batch_size)
         _positive_float(f"{p}.lr", self.lr)
-        _choice(f"{p}.optimizer", self.optimizer, ("adam", "sgd"))
+        _choice(f"{p}.optimizer", self.optimizer, OPTIMIZERS)
         if self.sites_per_round is not None:
             _positive_int(f"{p}.sites_per_round", self.sites_per_round)
         _choice(f"{p}.strategy", self.strategy, STRATEGIES)
@@ -192,22 +194,19 @@ class FederatedConfig:
 
 
 @dataclass
-class DPConfig:
-    """Sample-level DP-SGD at every site (the "dp" mode), accounted per site.
+class DPSettings(DPConfig):
+    """Sample-level DP-SGD at every site (the "dp" mode), accounted per site: the ``[dp]`` section.
 
-    Give either ``noise_multiplier`` (sigma) or ``target_epsilon`` (sigma is then calibrated
-    so that each site reaches it after all planned rounds); setting one in a file clears the
-    other's default.
+    The fields of :class:`fastdp.federated.DPConfig` (validated there), plus the experiment-wide
+    ones below; :meth:`for_site` gives each site its DPConfig. Give either ``noise_multiplier``
+    (sigma) or ``target_epsilon`` (sigma is then calibrated so that each site reaches it after
+    all planned rounds); setting one in a file clears the other's default.
 
     Attributes:
         enabled: master switch; the "dp" mode needs it on.
-        noise_multiplier: sigma: noise std is sigma * max_grad_norm.
-        target_epsilon: epsilon each site reaches at the end of training, at ``delta``.
-        delta: the delta of (epsilon, delta)-DP (the paper: 1e-5).
-        max_grad_norm: per-sample clipping norm C.
+        target_epsilon: epsilon each site reaches at the end of training, at ``delta`` (default 8).
         epsilon_budget: a site stops taking part once its epsilon would pass this; a number
             for every site or a table ``{site = budget}`` (None: no budget).
-        accountant: ``"rdp"`` or ``"pld"``.
         epsilon_sweep: when not empty, the "dp" mode runs once per target epsilon here
             (a privacy-utility curve); the run folders are ``dp_eps<epsilon>``.
         reproducible_noise: derive every DP site's noise and sampling seeds (and the DP-FedAvg
@@ -217,34 +216,24 @@ class DPConfig:
     """
 
     enabled: bool = True
-    noise_multiplier: float | None = None
     target_epsilon: float | None = 8.0
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
     epsilon_budget: float | dict[str, float] | None = None
-    accountant: str = "rdp"
     epsilon_sweep: list[float] = field(default_factory=list)
-    reproducible_noise: bool = False
+
+    def __post_init__(self) -> None:
+        pass  # validated by validate(), which names the key path (ExperimentConfig.validate)
 
     def validate(self, p: str) -> None:
-        if self.noise_multiplier is not None and self.target_epsilon is not None:
-            raise ConfigError(f"{p}: give noise_multiplier or target_epsilon, not both")
-        if self.enabled and self.noise_multiplier is None and self.target_epsilon is None and not self.epsilon_sweep:
-            raise ConfigError(f"{p}: give noise_multiplier or target_epsilon")
-        if self.noise_multiplier is not None:
-            _non_negative_float(f"{p}.noise_multiplier", self.noise_multiplier)
-            if self.epsilon_sweep:
-                raise ConfigError(f"{p}.epsilon_sweep: sweeps target epsilons; remove dp.noise_multiplier")
-        if self.target_epsilon is not None:
-            _positive_float(f"{p}.target_epsilon", self.target_epsilon)
-        _check(f"{p}.delta", 0 < self.delta < 1, "must be in (0, 1)", self.delta)
-        _positive_float(f"{p}.max_grad_norm", self.max_grad_norm)
+        need_one = self.enabled and not self.epsilon_sweep
+        for key, message in self.problems(need_sigma_or_epsilon=need_one):
+            # "give exactly one of ..." is about the pair, not one key: name the section.
+            where = p if message.startswith("give") else f"{p}.{key}"
+            raise ConfigError(f"{where}: {message}")
+        if self.noise_multiplier is not None and self.epsilon_sweep:
+            raise ConfigError(f"{p}.epsilon_sweep: sweeps target epsilons; remove dp.noise_multiplier")
         if isinstance(self.epsilon_budget, dict):
             for site, budget in self.epsilon_budget.items():
                 _positive_float(f"{p}.epsilon_budget.{site}", budget)
-        elif self.epsilon_budget is not None:
-            _positive_float(f"{p}.epsilon_budget", self.epsilon_budget)
-        _choice(f"{p}.accountant", self.accountant, ("rdp", "pld"))
         for i, eps in enumerate(self.epsilon_sweep):
             _positive_float(f"{p}.epsilon_sweep[{i}]", eps)
 
@@ -253,6 +242,20 @@ class DPConfig:
         if isinstance(self.epsilon_budget, dict):
             return self.epsilon_budget.get(site)
         return self.epsilon_budget
+
+    def for_site(self, site: str, target_epsilon: float | None = None) -> DPConfig:
+        """The DPConfig of one site; ``target_epsilon`` (a sweep's point) replaces the configured sigma/epsilon."""
+        sigma = self.noise_multiplier if target_epsilon is None else None
+        return DPConfig(
+            noise_multiplier=sigma,
+            target_epsilon=None if sigma is not None else (target_epsilon or self.target_epsilon),
+            max_grad_norm=self.max_grad_norm,
+            delta=self.delta,
+            epsilon_budget=self.budget_for(site),
+            accountant=self.accountant,
+            reproducible_noise=self.reproducible_noise,
+            conv_method=self.conv_method,
+        )
 
 
 @dataclass
@@ -321,7 +324,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
-    dp: DPConfig = field(default_factory=DPConfig)
+    dp: DPSettings = field(default_factory=DPSettings)
     attack: AttackConfig = field(default_factory=AttackConfig)
 
     def validate(self) -> ExperimentConfig:
@@ -371,7 +374,7 @@ class ExperimentConfig:
         data = self.to_dict()
         for key, value in overrides.items():
             _set_dotted(data, key, value)
-        return ExperimentConfig.from_dict(_drop_none(data))
+        return ExperimentConfig.from_dict(tomlio.drop_none(data))
 
 
 _SECTIONS = ("data", "model", "federated", "dp", "attack")
@@ -429,7 +432,7 @@ def _read_file(path: Path) -> dict:
 
 def apply_overrides(config: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
     """A validated copy of ``config`` with ``"section.key=value"`` overrides (TOML values)."""
-    data = _drop_none(config.to_dict())
+    data = tomlio.drop_none(config.to_dict())
     _apply_overrides(data, overrides)
     return ExperimentConfig.from_dict(data)
 
@@ -451,16 +454,12 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
             raise ConfigError(f"{key}: {part!r} is a value, not a section")
         node = nxt
     node[parts[-1]] = value
-    # Setting sigma clears the calibrated-epsilon default and vice versa (DPConfig's rule).
+    # Setting sigma clears the calibrated-epsilon default and vice versa (DPSettings' rule).
     if parts[:-1] == ["dp"] and parts[-1] in _EXCLUSIVE:
         node.pop(_EXCLUSIVE[parts[-1]], None)
 
 
 _EXCLUSIVE = {"noise_multiplier": "target_epsilon", "target_epsilon": "noise_multiplier"}
-
-
-def _drop_none(data: dict) -> dict:
-    return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in data.items() if v is not None}
 
 
 # --------------------------------------------------------- dict -> dataclasses
@@ -480,7 +479,7 @@ def _build(cls: type, data: Any, path: str):
     for key, value in data.items():
         full = f"{path}.{key}" if path else key
         kwargs[key] = _convert(hints[key], value, full)
-    if cls is DPConfig and "target_epsilon" not in data and ("noise_multiplier" in data or data.get("epsilon_sweep")):
+    if cls is DPSettings and "target_epsilon" not in data and ("noise_multiplier" in data or data.get("epsilon_sweep")):
         kwargs["target_epsilon"] = None  # sigma or a sweep given: the default epsilon does not apply
     return cls(**kwargs)
 

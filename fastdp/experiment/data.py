@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
+from fastdp.data import PhantomDataset, get_site, random_site_profile, split_by_group
+from fastdp.data.msd import MSDSliceDataset
 from fastdp.experiment.config import DataConfig
 
 __all__ = ["ExperimentData", "build_data"]
@@ -43,14 +45,12 @@ class ExperimentData:
 
 
 def _phantom_profile(name: str, seed: int):
-    from fastdp.data import get_site, random_site_profile
 
     match = re.fullmatch(r"site_(\d+)", name)
     return random_site_profile(int(match.group(1)), seed) if match else get_site(name)
 
 
 def _phantom(cfg: DataConfig, seed: int) -> ExperimentData:
-    from fastdp.data import PhantomDataset
 
     size = cfg.image_size
     profiles = {s: _phantom_profile(s, seed) for s in cfg.sites}
@@ -73,8 +73,6 @@ def _phantom(cfg: DataConfig, seed: int) -> ExperimentData:
 
 
 def _msd(cfg: DataConfig, seed: int) -> ExperimentData:
-    from fastdp.data import split_by_group
-    from fastdp.data.msd import MSDSliceDataset
 
     full = MSDSliceDataset(cfg.msd_path, cfg.image_size, organ_margin=cfg.msd_organ_margin, cache_dir=cfg.msd_cache_dir)
     n_groups = len(cfg.sites) + (1 if cfg.test_slices else 0)

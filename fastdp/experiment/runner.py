@@ -15,9 +15,10 @@ The run folder (``config.out_dir``)::
     report.md, plots/*.png        the report
 
 Training uses :mod:`fastdp.federated` (Site, strategies, Simulation; built by
-:mod:`fastdp.experiment.builders`), in process or over Flower (``federated.backend``), and the attack uses
-:mod:`fastdp.attacks`; both are imported only when needed, with an ImportError that says what
-is missing.
+:mod:`fastdp.experiment.builders`) in process; the attack uses :mod:`fastdp.attacks` and the
+report :mod:`fastdp.report`. Training over Flower (``federated.backend = "flower"``) is
+:func:`fastdp.flower.run_experiment`, which passes its trainer to :func:`run_experiment`: the
+Flower adapter sits above this package and is never imported from here.
 """
 
 from __future__ import annotations
@@ -25,33 +26,32 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from fastdp.experiment.builders import (
-    RunSpec,
-    build_simulation,
-    federated_module,
-    model_factory,
-    planned_runs,
-    resolve_device,
-)
-from fastdp.experiment.config import ExperimentConfig
+from fastdp.atomic import atomic_torch_save, atomic_write_text
+from fastdp.attacks.experiment import run_attack_experiment
+from fastdp.experiment.builders import RunSpec, build_simulation, model_factory, planned_runs, resolve_device
+from fastdp.experiment.config import ConfigError, ExperimentConfig
 from fastdp.experiment.data import ExperimentData, build_data
+from fastdp.federated import initial_global_state
+from fastdp.federated.state_files import StateFileError, check_model_state
+from fastdp.report import write_report
 
 __all__ = [
     "RunSpec",
+    "TrainRun",
     "model_factory",
     "planned_noise_multiplier",
     "planned_runs",
     "run_attack",
     "run_experiment",
-    "run_flower",
     "run_mode",
+    "train_in_process",
 ]
 
 log = logging.getLogger("fastdp.experiment")
@@ -61,29 +61,26 @@ def planned_noise_multiplier(cfg: ExperimentConfig, n_train: int, target_epsilon
     """sigma of a DP site with ``n_train`` slices: the configured one, or calibrated to the target epsilon.
 
     Calibrated over every planned step (rounds * local_steps) at sample rate batch_size / n_train,
-    as a site that takes part in every round spends it.
+    as a site that takes part in every round spends it (the Site's own calibration, DPConfig.noise_multiplier_for).
     """
-    from fastdp.accounting import get_noise_multiplier
-
-    if cfg.dp.noise_multiplier is not None and target_epsilon is None:
-        return cfg.dp.noise_multiplier
-    eps = target_epsilon if target_epsilon is not None else cfg.dp.target_epsilon
     fed = cfg.federated
     q = min(1.0, fed.batch_size / max(1, n_train))
-    return get_noise_multiplier(eps, cfg.dp.delta, q, fed.rounds * fed.local_steps, cfg.dp.accountant)
+    dp = cfg.dp.for_site(cfg.data.sites[0], target_epsilon)
+    return dp.noise_multiplier_for(q, fed.rounds * fed.local_steps)
 
 
-def run_mode(
+#: How one run is trained: (cfg, run, data, run_dir, progress=) -> path of its global_model.pt.
+TrainRun = Callable[..., Path]
+
+
+def train_in_process(
     cfg: ExperimentConfig, run: RunSpec, data: ExperimentData, run_dir: Path, *, progress: bool = True
 ) -> Path:
-    """Trains one run into ``run_dir/run.label`` with the configured backend (``federated.backend``).
+    """Trains one run with the in-process Simulation into ``run_dir/run.label``.
 
-    "simulation": fastdp.federated.Simulation in this process; writes history.json/.csv,
-    checkpoints/ (resumed if present) and the final global model's state_dict as global_model.pt.
-    "flower": :func:`run_flower`, the same files but no checkpoints. Returns the global_model.pt path.
+    Writes history.json/.csv, checkpoints/ (resumed if present) and the final global model's
+    state_dict as global_model.pt (atomically). Returns the global_model.pt path.
     """
-    if cfg.federated.backend == "flower":
-        return run_flower(cfg, run, run_dir, progress=progress)
     make_model = model_factory(cfg)
     out = run_dir / run.label
     torch.manual_seed(cfg.seed)
@@ -99,61 +96,33 @@ def run_mode(
     )
     simulation.run(resume=True)  # FederationError when no site ever contributed: no model is written
     path = out / "global_model.pt"
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({k: v.detach().cpu() for k, v in simulation.global_state.items()}, tmp)
-    tmp.replace(path)  # atomic, like the checkpoints: `fastdp attack` never loads half a file
+    # atomic, like the checkpoints: `fastdp attack` never loads half a file
+    atomic_torch_save({k: v.detach().cpu() for k, v in simulation.global_state.items()}, path)
     return path
 
 
-def _flower_module():
-    try:
-        import fastdp.federated.flower as flower
-    except ImportError as exc:
-        raise ImportError(f"federated.backend = 'flower' needs Flower: pip install 'fastdp[flower]' ({exc})") from exc
-    return flower
-
-
-def run_flower(
+def run_mode(
     cfg: ExperimentConfig,
     run: RunSpec,
+    data: ExperimentData,
     run_dir: Path,
     *,
     progress: bool = True,
-    env: dict[str, str] | None = None,
-    timeout: float | None = None,
+    train: TrainRun | None = None,
 ) -> Path:
-    """Trains one run over Flower on this machine: a SuperLink and one SuperNode per site on 127.0.0.1.
+    """Trains one run into ``run_dir/run.label``: with ``train`` when given, else in process.
 
-    The Flower run config carries the experiment config (its TOML text) and the run label, so the
-    ServerApp and every ClientApp build the run's Strategy and Sites with the same builders as the
-    in-process Simulation. The ServerApp writes ``run_dir/run.label``/history.json/.csv and
-    global_model.pt; Flower's app folder, logs and the sites' state files go to its ``flower/``
-    sub-folder. A Flower run is not resumed: a rerun trains from scratch. Returns the
-    global_model.pt path.
+    ``federated.backend = "flower"`` needs the Flower trainer, which lives above this package:
+    :func:`fastdp.flower.run_experiment` (and the ``fastdp`` CLI) pass it. Returns the global_model.pt path.
     """
-    flower = _flower_module()
-    out = (run_dir / run.label).resolve()
-    work = out / "flower"
-    run_config = flower.run_config_for(cfg, run.label, out_dir=str(out), state_dir=str(work / "state"))
-    if progress:
-        print(
-            f"[{run.label}] Flower: {run_config['num-sites']} SuperNodes on 127.0.0.1, logs in {work / 'logs'}",
-            file=sys.stderr,
-        )
-    result = flower.launch_local(run_config=run_config, work_dir=work, env=env, timeout=timeout)
-    if progress:
-        print(f"[{run.label}] Flower run {result.run_id} {result.status} in {result.wall_s:.0f} s", file=sys.stderr)
-    return out / "global_model.pt"
-
-
-def _attack_entry():
-    try:
-        from fastdp.attacks.experiment import run_attack_experiment
-    except ImportError as exc:
-        raise ImportError(
-            f"the attack step needs fastdp.attacks.experiment.run_attack_experiment, which could not be imported: {exc}"
-        ) from exc
-    return run_attack_experiment
+    if train is None:
+        if cfg.federated.backend == "flower":
+            raise ConfigError(
+                "federated.backend = 'flower': run it with fastdp.flower.run_experiment(cfg) or the `fastdp run` "
+                "command (fastdp.experiment trains in process only)"
+            )
+        train = train_in_process
+    return train(cfg, run, data, run_dir, progress=progress)
 
 
 def run_attack(
@@ -166,20 +135,15 @@ def run_attack(
     Calls ``fastdp.attacks.run_attack_experiment`` and writes its result dict (metrics table,
     reconstruction-grid PNG paths) to ``run_dir/attack/attack.json``; returns that dict.
     """
-    attack = _attack_entry()
     make_model = model_factory(cfg)
     model = make_model()
     if model_path is not None:
-        from fastdp.federated.state_files import StateFileError, check_model_state
-
         try:
             state = torch.load(model_path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise StateFileError(f"global model {model_path} cannot be read safely: {type(exc).__name__}") from None
         model.load_state_dict(check_model_state(state, model.state_dict(), model_path, "global model"))
     else:
-        from fastdp.federated import initial_global_state
-
         model.load_state_dict(initial_global_state(make_model, cfg.seed))
     site = cfg.attack.site or cfg.data.sites[0]
     train = data.train[site]
@@ -196,7 +160,7 @@ def run_attack(
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     result = dict(
-        attack(
+        run_attack_experiment(
             model,
             images,
             masks,
@@ -228,9 +192,7 @@ def _write_json(path: Path, data: dict) -> None:
             return o.tolist()
         return repr(o)
 
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=default))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=default))
 
 
 def _prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, fresh: bool) -> None:
@@ -242,8 +204,6 @@ def _prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, fresh: bool) -> None:
         return
     old = run_dir / "config.toml"
     if old.exists() and any(c.exists() for c in checkpoints) and old.read_text() != cfg.to_toml():
-        from fastdp.experiment.config import ConfigError
-
         raise ConfigError(
             f"{run_dir} holds checkpoints of a run with a different config ({old}); rerun with --fresh to "
             "start over, or choose another --out-dir"
@@ -251,31 +211,35 @@ def _prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, fresh: bool) -> None:
 
 
 def run_experiment(
-    config: ExperimentConfig, *, progress: bool = True, report: bool = True, fresh: bool = False
+    config: ExperimentConfig,
+    *,
+    progress: bool = True,
+    report: bool = True,
+    fresh: bool = False,
+    train: TrainRun | None = None,
 ) -> Path:
     """Trains every configured run, attacks, writes the report; returns the run folder.
 
     Steps: write config.toml -> build the sites' data -> for each run (planned_runs) train it
-    with the configured backend (run_mode) -> if attack.enabled, attack the final non-private model's
-    updates without and with DP noise -> report.md. A rerun with the same out_dir resumes the
-    runs from their checkpoints (refused if the config changed; fresh=True starts over). An
+    (run_mode: with ``train``, else in process) -> if attack.enabled, attack the final non-private
+    model's updates without and with DP noise -> report.md. A rerun with the same out_dir resumes
+    the runs from their checkpoints (refused if the config changed; fresh=True starts over). An
     attack that fails is recorded in attack/attack.json and in the report; training results
     are kept.
     """
     cfg = config.validate()
     torch.set_num_threads(cfg.threads)
-    federated_module()  # before any work: a missing federated package fails in a second, not after data generation
     run_dir = Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _prepare_run_dir(cfg, run_dir, fresh)
-    (run_dir / "config.toml").write_text(cfg.to_toml())
+    atomic_write_text(run_dir / "config.toml", cfg.to_toml())
     start = time.perf_counter()
     data = build_data(cfg.data, cfg.seed)
     models: dict[str, Path | None] = {}
     for run in planned_runs(cfg):
         log.info("run %s (%s)", run.label, run.mode)
         t0 = time.perf_counter()
-        models[run.label] = run_mode(cfg, run, data, run_dir, progress=progress)
+        models[run.label] = run_mode(cfg, run, data, run_dir, progress=progress, train=train)
         log.info("run %s done in %.1f s", run.label, time.perf_counter() - t0)
     if cfg.attack.enabled:
         # The attacked update is computed from the round-1 global model (what the server sends
@@ -293,8 +257,6 @@ def run_experiment(
             )
             log.warning("attack failed: %s", exc)
     if report:
-        from fastdp.report import write_report
-
         write_report(run_dir, title=f"{cfg.name}: fastdp experiment")
     log.info("experiment done in %.1f s: %s", time.perf_counter() - start, run_dir)
     return run_dir

@@ -1,15 +1,12 @@
-"""TOML in and out for experiment configs: tomllib to read, a small writer for the subset configs use.
+"""TOML in and out for experiment configs: tomllib to read, tomli-w to write.
 
-The writer covers what :class:`fastdp.experiment.ExperimentConfig` holds: strings, booleans,
-integers, floats (including inf/nan), flat lists of those, and nested tables. None has no TOML
-spelling, so None values are left out (the loader turns a missing key back into its default).
+None has no TOML spelling, so None values are left out (the loader turns a missing key back into
+its default).
 """
 
 from __future__ import annotations
 
-import json
-import math
-import re
+import tomli_w
 
 try:  # Python 3.11+
     import tomllib
@@ -19,9 +16,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     except ModuleNotFoundError as exc:
         raise ImportError("reading TOML on Python 3.10 needs tomli: pip install tomli") from exc
 
-__all__ = ["dumps", "loads", "parse_value"]
-
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+__all__ = ["drop_none", "dumps", "loads", "parse_value"]
 
 
 def loads(text: str) -> dict:
@@ -40,51 +35,11 @@ def parse_value(text: str):
         return text
 
 
-def _key(k: str) -> str:
-    return k if _BARE_KEY.match(k) else json.dumps(k)
+def drop_none(data: dict) -> dict:
+    """A copy of nested dicts without the None values."""
+    return {k: drop_none(v) if isinstance(v, dict) else v for k, v in data.items() if v is not None}
 
 
-def _scalar(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)  # shortest round-tripping form, e.g. 1e-05, 8.0
-    if isinstance(v, str):
-        return json.dumps(v)  # JSON string escapes are valid TOML basic-string escapes
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_scalar(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} {v!r} as TOML")
-
-
-def dumps(data: dict, comments: dict[str, str] | None = None) -> str:
-    """Nested dicts -> TOML text: scalars of a table first, then its sub-tables ``[a.b]``.
-
-    Args:
-        data: nested dicts of TOML-able values; None values are skipped.
-        comments: optional ``{"section": "comment"}`` written above a table header.
-    """
-    comments = comments or {}
-    lines: list[str] = []
-
-    def emit(table: dict, prefix: str) -> None:
-        scalars = {k: v for k, v in table.items() if v is not None and not isinstance(v, dict)}
-        tables = {k: v for k, v in table.items() if isinstance(v, dict)}
-        if prefix and (scalars or not tables):
-            if lines:
-                lines.append("")
-            if prefix in comments:
-                lines.append(f"# {comments[prefix]}")
-            lines.append(f"[{prefix}]")
-        for k, v in scalars.items():
-            lines.append(f"{_key(k)} = {_scalar(v)}")
-        for k, v in tables.items():
-            emit(v, f"{prefix}.{_key(k)}" if prefix else _key(k))
-
-    emit(data, "")
-    return "\n".join(lines) + "\n"
+def dumps(data: dict) -> str:
+    """Nested dicts -> TOML text (tomli-w); None values are left out (TOML has no null)."""
+    return tomli_w.dumps(drop_none(data))

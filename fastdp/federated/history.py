@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastdp.federated.atomic import atomic_write_text
+from fastdp.atomic import atomic_write_text
+from fastdp.federated.records import RoundRecord
 
 CSV_COLUMNS = [
     "round",
@@ -42,11 +43,10 @@ def _json_safe(x):
 class History:
     """Per-round records of a federated run.
 
-    rounds[i]: {"round", "wall_s", "phase_s": {"local_training", "aggregation", "evaluation"},
-    "participants", "rejected": [{"site", "reason"}], "failed": [{"site", "error"}], "stopped_budget",
-    "test": {"dice", "loss"} | None, "server_epsilon", "sites": {id: {"participated", "train_loss",
-    "val_dice", "val_loss", "epsilon", "steps", "num_samples", "local_s"}}}. Times in seconds.
-    A DP site's train_loss is null: it does not release it (docs/privacy.md).
+    rounds[i]: a RoundRecord (fastdp.federated.records: round, wall_s, phase_s, participants,
+    rejected, failed, stopped_budget, test, server_epsilon, sites: {id: SiteRecord}); its JSON form
+    is RoundRecord.to_dict(). Times in seconds. A DP site's train_loss is null: it does not
+    release it (docs/privacy.md).
 
     privacy: {"private": whether every DP release of the run is covered by its guarantee,
     "not_private_reasons": [...], "site_noise": {id: "os-csprng" | "reproducible" | null},
@@ -55,18 +55,19 @@ class History:
 
     config: dict = field(default_factory=dict)
     mode: str = "nonprivate"
-    rounds: list[dict] = field(default_factory=list)
+    rounds: list[RoundRecord] = field(default_factory=list)
     privacy: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return _json_safe({"config": self.config, "mode": self.mode, "privacy": self.privacy, "rounds": self.rounds})
+        rounds = [r.to_dict() for r in self.rounds]
+        return _json_safe({"config": self.config, "mode": self.mode, "privacy": self.privacy, "rounds": rounds})
 
     @classmethod
     def from_dict(cls, d: dict) -> History:
         return cls(
             config=d.get("config", {}),
             mode=d.get("mode", "nonprivate"),
-            rounds=list(d.get("rounds", [])),
+            rounds=[RoundRecord.from_dict(r) for r in d.get("rounds", []) if isinstance(r, dict)],
             privacy=dict(d.get("privacy", {})),
         )
 
@@ -78,7 +79,7 @@ class History:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
         w.writeheader()
-        for r in self.to_dict()["rounds"]:
+        for r in self.to_dict()["rounds"]:  # the JSON-safe form: NaN/inf already null
             test = r.get("test") or {}
             for site, s in sorted(r.get("sites", {}).items()):
                 w.writerow(
@@ -107,6 +108,6 @@ class History:
     def final(self, key: str = "dice") -> float | None:
         """The last round's test metric (None when there is none)."""
         for r in reversed(self.rounds):
-            if r.get("test"):
-                return r["test"].get(key)
+            if r.test:
+                return r.test.get(key)
         return None

@@ -23,7 +23,9 @@ from torch.utils.data import Dataset
 
 from fastdp.accounting import PrivacyBudgetExceeded
 from fastdp.federated.history import History
-from fastdp.federated.site import Site, evaluate_model, site_releases, stable_seed
+from fastdp.federated.records import RoundRecord, TrainResult
+from fastdp.federated.site import SiteUpdate, evaluate_model, stable_seed
+from fastdp.federated.site_protocol import FederatedSite
 from fastdp.federated.state_files import StateFileError, check_finite, check_model_state, load_state, save_state
 from fastdp.federated.strategies import Strategy
 from fastdp.federated.validation import screen_updates
@@ -38,11 +40,11 @@ class FederationError(RuntimeError):
     """A federated run that produced no model: no site contributed an update in any round."""
 
 
-def privacy_summary(sites: dict, strategy: Strategy) -> dict:
+def privacy_summary(sites: dict[str, FederatedSite], strategy: Strategy) -> dict:
     """The History's "privacy" record: whose noise is private, what each site releases (docs/privacy.md)."""
     site_noise, reasons = {}, []
     for sid, s in sites.items():
-        private = getattr(s, "noise_is_private", None)
+        private = s.noise_is_private
         site_noise[sid] = None if private is None else ("os-csprng" if private else "reproducible")
         if private is False:
             reasons.append(f"site {sid}: dp.reproducible_noise is set (its noise can be regenerated from the config)")
@@ -59,7 +61,7 @@ def privacy_summary(sites: dict, strategy: Strategy) -> dict:
         "not_private_reasons": reasons,
         "site_noise": site_noise,
         "server_noise": server_noise,
-        "releases": {sid: site_releases(s.engine is not None) for sid, s in sites.items()},
+        "releases": {sid: s.releases() for sid, s in sites.items()},
     }
 
 
@@ -112,7 +114,7 @@ class Simulation:
 
     def __init__(
         self,
-        sites: list[Site],
+        sites: list[FederatedSite],
         strategy: Strategy,
         model_fn: Callable[[], nn.Module] | None = None,
         *,
@@ -166,10 +168,10 @@ class Simulation:
         self._test_model = None
         if self.checkpoint_dir is not None:
             for s in sites:
-                s.state_path = self.checkpoint_dir / "sites" / f"{s.site_id}.pt"
+                s.persist_state_to(self.checkpoint_dir / "sites" / f"{s.site_id}.pt")
 
     def _any_dp(self) -> bool:
-        return any(s.engine is not None for s in self.sites.values())
+        return any(s.is_private for s in self.sites.values())
 
     # --- checkpoints ---------------------------------------------------------------------------
     @property
@@ -218,35 +220,18 @@ class Simulation:
             round_ = int(state["round"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise StateFileError(f"{what} {path}: {type(exc).__name__}: {exc}") from None
-        for s in self.sites.values():
-            self._keep_newer_accounting(s)
         self.global_state = global_state
         self.stopped_budget = [str(x) for x in state["stopped_budget"]]
         self.history = history
         self.history.privacy = privacy_summary(self.sites, self.strategy)
         return round_
 
-    def _keep_newer_accounting(self, site: Site) -> None:
-        """A site saves its accountant before its update leaves it; if the run died after that but
-        before the round's checkpoint, the site's file has spent more privacy: keep the larger."""
-        if site.engine is None or site.state_path is None or not site.state_path.exists():
-            return
-        own = load_state(site.state_path, "site state file")
-        try:
-            accountant = type(site.engine.accountant)()
-            accountant.load_state_dict(own["engine"]["accountant"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StateFileError(f"site state file {site.state_path}: {type(exc).__name__}: {exc}") from None
-        if accountant.steps > site.engine.accountant.steps:
-            log.warning("site %s: its own state has spent more privacy than the checkpoint; keeping it", site.site_id)
-            site.engine.accountant.load_state_dict(accountant.state_dict())
-
     # --- one round -----------------------------------------------------------------------------
     def _say(self, msg: str) -> None:
         if self.progress:
             print(msg, file=sys.stderr, flush=True)
 
-    def _select_sites(self, round: int, record: dict) -> list[str]:
+    def _select_sites(self, round: int, record: RoundRecord) -> list[str]:
         """Drops the sites whose next round would pass their budget, then lets the strategy choose."""
         available = []
         for sid, s in self.sites.items():
@@ -254,86 +239,82 @@ class Simulation:
                 continue
             if not s.within_budget():
                 self.stopped_budget.append(sid)
-                log.warning("site %s stops: the next round would pass its epsilon budget %s", sid, s.dp.epsilon_budget)
-                self._say(f"  site {sid} stops taking part: epsilon budget {s.dp.epsilon_budget} reached")
+                log.warning("site %s stops: the next round would pass its epsilon budget %s", sid, s.epsilon_budget)
+                self._say(f"  site {sid} stops taking part: epsilon budget {s.epsilon_budget} reached")
                 continue
             available.append(sid)
-        record["stopped_budget"] = list(self.stopped_budget)
-        record["participants"] = []
+        record.stopped_budget = list(self.stopped_budget)
         return self.strategy.select(available, round, self.generator)
 
-    def _local_phase(self, round: int, record: dict) -> list:
-        selected = self._select_sites(round, record)
-        config = self.strategy.site_config(round)
-        updates = []
-        for sid in selected:
-            t0 = time.perf_counter()
+    def train_sites(self, site_ids: list[str], round: int, config: dict) -> dict[str, TrainResult]:
+        """Asks each site to train from the global state; {site_id: TrainResult}, in site_ids order.
+
+        In process: one site after the other. FlowerSimulation sends them all at once instead;
+        everything else of a round (selection, book-keeping, screening, aggregation) is this class's.
+        """
+        results = {}
+        for sid in site_ids:
+            site, t0 = self.sites[sid], time.perf_counter()
             try:
-                update = self.sites[sid].local_update(self.global_state, round, config)
+                update = site.local_update(self.global_state, round, config)
             except PrivacyBudgetExceeded as e:
-                self.stopped_budget.append(sid)
-                record["failed"].append({"site": sid, "error": f"PrivacyBudgetExceeded: {e}"})
-                log.warning("site %s refused a step beyond its budget: %s", sid, e)
+                results[sid] = TrainResult(error=f"PrivacyBudgetExceeded: {e}", budget_stop=True)
                 continue
             except Exception as e:  # a failing site must not stop the round
                 log.error("site %s failed in round %d:\n%s", sid, round, traceback.format_exc())
-                error = public_error(e, dp=self.sites[sid].engine is not None)
-                record["failed"].append({"site": sid, "error": error})
-                self._say(f"  site {sid} FAILED: {error}")
+                results[sid] = TrainResult(error=public_error(e, dp=site.is_private))
                 continue
-            dt = time.perf_counter() - t0
-            record["participants"].append(sid)
-            record["sites"][sid].update(
-                participated=True,
-                train_loss=update.train_loss,
-                steps=update.steps,
-                local_s=dt,
-            )
+            results[sid] = TrainResult(update=update, seconds=time.perf_counter() - t0)
+        return results
+
+    def evaluate_sites(self, site_ids: list[str]) -> dict[str, dict[str, float]]:
+        """{site_id: {"dice", "loss"}} of the global model on each site's validation data ({} without)."""
+        return {sid: self.sites[sid].evaluate(self.global_state) for sid in site_ids}
+
+    def _local_phase(self, round: int, record: RoundRecord) -> list[SiteUpdate]:
+        selected = self._select_sites(round, record)
+        results = self.train_sites(selected, round, self.strategy.site_config(round))
+        updates = []
+        for sid in selected:
+            result = results[sid]
+            if result.budget_stop:
+                self.stopped_budget.append(sid)
+                record.failed.append({"site": sid, "error": result.error})
+                log.warning("site %s refused a step beyond its budget: %s", sid, result.error)
+                continue
+            if result.update is None:
+                record.failed.append({"site": sid, "error": result.error})
+                log.error("site %s failed in round %d: %s", sid, round, result.error)
+                self._say(f"  site {sid} FAILED: {result.error}")
+                continue
+            update = result.update
+            site_record = record.sites[sid]
+            site_record.participated, site_record.train_loss = True, update.train_loss
+            site_record.steps, site_record.local_s = update.steps, result.seconds
             updates.append(update)
-            self._say(f"  site {sid}: {update.steps} steps in {dt:.1f} s{update_note(update)}")
+            self._say(f"  site {sid}: {update.steps} steps in {result.seconds:.1f} s{update_note(update)}")
         return updates
 
-    def _evaluate(self, record: dict) -> None:
-        for sid, s in self.sites.items():
-            metrics = s.evaluate(self.global_state)
-            record["sites"][sid]["val_dice"] = metrics.get("dice")
-            record["sites"][sid]["val_loss"] = metrics.get("loss")
+    def _evaluate(self, record: RoundRecord) -> None:
+        metrics = self.evaluate_sites(list(self.sites))
+        for sid, site_record in record.sites.items():
+            site_record.val_dice = metrics.get(sid, {}).get("dice")
+            site_record.val_loss = metrics.get(sid, {}).get("loss")
         self._evaluate_test(record)
 
-    def _evaluate_test(self, record: dict) -> None:
+    def _evaluate_test(self, record: RoundRecord) -> None:
         """Dice and loss of the global model on the held-out test set, at the server."""
         if self.test_data is None:
             return
         if self._test_model is None:
             self._test_model = self.model_fn().to(self.device)
         model, data = self._test_model, self.test_data
-        record["test"] = evaluate_model(model, self.global_state, data, self.criterion, self.device)
+        record.test = evaluate_model(model, self.global_state, data, self.criterion, self.device)
 
-    def run_round(self, round: int) -> dict:
-        """One round; returns its history record (also appended to self.history)."""
+    def run_round(self, round: int) -> RoundRecord:
+        """One round; returns its record (also appended to self.history)."""
         t_round = time.perf_counter()
-        record: dict = {
-            "round": round,
-            "participants": [],
-            "rejected": [],
-            "failed": [],
-            "stopped_budget": [],
-            "test": None,
-            "server_epsilon": None,
-            "sites": {
-                sid: {
-                    "participated": False,
-                    "train_loss": None,
-                    "val_dice": None,
-                    "val_loss": None,
-                    "epsilon": None,
-                    "steps": 0,
-                    "num_samples": s.num_samples,
-                    "local_s": 0.0,
-                }
-                for sid, s in self.sites.items()
-            },
-        }
+        record = RoundRecord.start(round, {sid: s.num_samples for sid, s in self.sites.items()})
         t0 = time.perf_counter()
         updates = self._local_phase(round, record)
         t_local = time.perf_counter() - t0
@@ -350,31 +331,31 @@ class Simulation:
         for r in rejected:
             log.warning("round %d: update of site %s rejected: %s", round, r["site"], r["reason"])
             self._say(f"  update of site {r['site']} REJECTED: {r['reason']}")
-            if r["site"] in record["sites"]:
-                record["sites"][r["site"]]["participated"] = False
-        record["rejected"] = rejected
-        record["participants"] = [u.site_id for u in accepted]
+            if r["site"] in record.sites:
+                record.sites[r["site"]].participated = False
+        record.rejected = rejected
+        record.participants = [u.site_id for u in accepted]
         new_state = self.strategy.aggregate(self.global_state, accepted, round)
         bad = [k for k, v in new_state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
         if bad:  # finite updates can still sum past the dtype's range: keep the last good model
             log.error("round %d: the aggregate is not finite in %s; the global model is kept", round, bad[:3])
             self._say(f"  round {round}: aggregate NOT finite in {bad[:3]}; global model kept")
-            record["rejected"] += [{"site": u.site_id, "reason": "the aggregate was not finite"} for u in accepted]
-            record["participants"] = []
+            record.rejected += [{"site": u.site_id, "reason": "the aggregate was not finite"} for u in accepted]
+            record.participants = []
         else:
             self.global_state = new_state
         t_agg = time.perf_counter() - t0
 
         for sid, s in self.sites.items():
-            record["sites"][sid]["epsilon"] = None if s.engine is None else s.epsilon()
-        record["server_epsilon"] = self.strategy.epsilon()
+            record.sites[sid].epsilon = s.epsilon() if s.is_private else None
+        record.server_epsilon = self.strategy.epsilon()
 
         t0 = time.perf_counter()
         if round % self.eval_every == 0 or round == self.rounds:
             self._evaluate(record)
         t_eval = time.perf_counter() - t0
-        record["phase_s"] = {"local_training": t_local, "aggregation": t_agg, "evaluation": t_eval}
-        record["wall_s"] = time.perf_counter() - t_round
+        record.phase_s = {"local_training": t_local, "aggregation": t_agg, "evaluation": t_eval}
+        record.wall_s = time.perf_counter() - t_round
         self.history.rounds.append(record)
         return record
 
@@ -401,7 +382,7 @@ class Simulation:
             self._say(self._summary_line(rec, r, start, last, time.perf_counter() - t_run))
         if self.out_dir is not None:
             self.history.save(self.out_dir)
-        if last == self.rounds and self.history.rounds and not any(r["participants"] for r in self.history.rounds):
+        if last == self.rounds and self.history.rounds and not any(r.participants for r in self.history.rounds):
             raise FederationError(self._nothing_trained_message())
         return self.history
 
@@ -409,11 +390,11 @@ class Simulation:
         """Why no round aggregated an update: each site's failures, rejections and budget stops."""
         why: dict[str, str] = {}
         for r in self.history.rounds:
-            for f in r.get("failed", []):
+            for f in r.failed:
                 why.setdefault(f["site"], f"failed: {f['error']}")
-            for f in r.get("rejected", []):
+            for f in r.rejected:
                 why.setdefault(f["site"], f"rejected: {f['reason']}")
-            for sid in r.get("stopped_budget", []):
+            for sid in r.stopped_budget:
                 why.setdefault(sid, "its epsilon budget is smaller than one round's spend")
         detail = "; ".join(f"{sid}: {w}" for sid, w in why.items()) or "no site was selected"
         return (
@@ -421,17 +402,17 @@ class Simulation:
             f"the initial one. {detail}"
         )
 
-    def _summary_line(self, rec: dict, r: int, start: int, last: int, elapsed: float) -> str:
+    def _summary_line(self, rec: RoundRecord, r: int, start: int, last: int, elapsed: float) -> str:
         done = r - start + 1
         eta = elapsed / done * (last - r)
-        parts = [f"[{self.history.mode}] round {r}/{self.rounds} done in {rec['wall_s']:.1f} s"]
-        if rec["test"]:
-            parts.append(f"test Dice {rec['test']['dice']:.3f}")
-        eps = {sid: s["epsilon"] for sid, s in rec["sites"].items() if s["epsilon"] is not None}
+        parts = [f"[{self.history.mode}] round {r}/{self.rounds} done in {rec.wall_s:.1f} s"]
+        if rec.test:
+            parts.append(f"test Dice {rec.test['dice']:.3f}")
+        eps = {sid: s.epsilon for sid, s in rec.sites.items() if s.epsilon is not None}
         if eps:
             parts.append("epsilon " + " ".join(f"{k}={v:.2f}" for k, v in eps.items()))
-        if rec["server_epsilon"] is not None:
-            parts.append(f"server epsilon {rec['server_epsilon']:.2f}")
+        if rec.server_epsilon is not None:
+            parts.append(f"server epsilon {rec.server_epsilon:.2f}")
         if last > r:
             parts.append(f"ETA {_fmt_seconds(eta)}")
         return " | ".join(parts)

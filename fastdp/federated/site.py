@@ -28,48 +28,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fastdp.accounting import Accountant, get_noise_multiplier
+from fastdp.accounting import Accountant
 from fastdp.engine import DPDataLoader, PrivacyEngine
-from fastdp.federated.state_files import save_state
+from fastdp.federated.dp_config import DPConfig
+from fastdp.federated.state_files import StateFileError, load_state, save_state
 from fastdp.models import dice_ce_criterion, dice_global
 from fastdp.noise import ReproducibleNoiseWarning
 
 log = logging.getLogger("fastdp.federated")
-
-
-@dataclass
-class DPConfig:
-    """Sample-level DP-SGD at a site (per-sample clipping to max_grad_norm, noise sigma * C).
-
-    Give either noise_multiplier (sigma) or target_epsilon; the latter is calibrated so that the
-    site's planned steps (planned_rounds * local_steps) spend it at `delta`.
-    epsilon_budget: the site stops taking part before a round that would take it past this.
-    reproducible_noise: derive the noise and sampling seeds from the Site's `seed` and name instead
-        of the OS CSPRNG. For tests only: anyone who knows the seed (the server writes the config)
-        can regenerate and subtract the noise, so the run is NOT private.
-    """
-
-    noise_multiplier: float | None = None
-    target_epsilon: float | None = None
-    max_grad_norm: float = 1.0
-    delta: float = 1e-5
-    epsilon_budget: float | None = None
-    accountant: str = "rdp"
-    reproducible_noise: bool = False
-
-    def __post_init__(self) -> None:
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise ValueError("DPConfig: give exactly one of noise_multiplier and target_epsilon")
-        if self.noise_multiplier is not None and self.noise_multiplier < 0:
-            raise ValueError(f"DPConfig.noise_multiplier must be >= 0, got {self.noise_multiplier}")
-        if self.target_epsilon is not None and not self.target_epsilon > 0:
-            raise ValueError(f"DPConfig.target_epsilon must be > 0, got {self.target_epsilon}")
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"DPConfig.max_grad_norm must be > 0, got {self.max_grad_norm}")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"DPConfig.delta must be in (0, 1), got {self.delta}")
-        if self.epsilon_budget is not None and not self.epsilon_budget > 0:
-            raise ValueError(f"DPConfig.epsilon_budget must be > 0, got {self.epsilon_budget}")
 
 
 @dataclass
@@ -112,6 +78,10 @@ def stable_seed(*parts) -> int:
     """A 63-bit seed from any printable parts; stable across processes (unlike hash())."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+#: The local optimizers a Site (and the experiment config's federated.optimizer) can use.
+OPTIMIZERS = ("adam", "sgd", "sgdm")
 
 
 def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
@@ -206,18 +176,10 @@ class Site:
         self.engine: PrivacyEngine | None = None
         self.noise_multiplier: float | None = None
         if dp is not None:
-            sigma = dp.noise_multiplier
-            if sigma is None:
-                if planned_rounds is None:
-                    raise ValueError(f"site {site_id!r}: DPConfig.target_epsilon needs planned_rounds")
-                sigma = get_noise_multiplier(
-                    dp.target_epsilon,
-                    dp.delta,
-                    self.sample_rate,
-                    steps=int(planned_rounds) * self.local_steps,
-                    accountant=dp.accountant,
-                )
-            self.noise_multiplier = float(sigma)
+            if dp.noise_multiplier is None and planned_rounds is None:
+                raise ValueError(f"site {site_id!r}: DPConfig.target_epsilon needs planned_rounds")
+            steps = int(planned_rounds or 0) * self.local_steps
+            self.noise_multiplier = dp.noise_multiplier_for(self.sample_rate, steps)
             if dp.reproducible_noise:
                 msg = (
                     f"site {site_id!r}: dp.reproducible_noise is set: its DP noise and sampling are derived "
@@ -237,11 +199,22 @@ class Site:
                 poisson_sampling=True,
                 max_epsilon=dp.epsilon_budget,
                 target_delta=dp.delta,
+                conv_method=dp.conv_method,
             )
         self.model, self.optimizer, self.loader = model, opt, loader
         self._eval_model = model_fn().to(self.device)
 
     # --- privacy -------------------------------------------------------------------------------
+    @property
+    def is_private(self) -> bool:
+        """True when the site trains with DP-SGD."""
+        return self.engine is not None
+
+    @property
+    def epsilon_budget(self) -> float | None:
+        """The epsilon the site stops at (None: no budget, or not private)."""
+        return None if self.dp is None else self.dp.epsilon_budget
+
     @property
     def accountant(self) -> Accountant | None:
         return None if self.engine is None else self.engine.accountant
@@ -368,8 +341,17 @@ class Site:
             "dp": None if self.dp is None else asdict(self.dp),
         }
 
+    def persist_state_to(self, path: str | Path) -> None:
+        """Keeps the site's state file at `path`: written before every update leaves the site."""
+        self.state_path = Path(path)
+
     def load_state_dict(self, state: dict) -> None:
-        """Restores a state_dict(); ValueError saying what is wrong when it does not fit this site."""
+        """Restores a state_dict(); ValueError saying what is wrong when it does not fit this site.
+
+        A site saves its accountant before its update leaves it; if a run died after that but
+        before the server's checkpoint, the site's own state file has spent more privacy than
+        `state`: the larger spend is kept, so privacy spent is never forgotten.
+        """
         _check_site_state(state, self)
         if state["site_id"] != self.site_id:
             raise ValueError(f"state of site {state['site_id']!r} loaded into site {self.site_id!r}")
@@ -379,7 +361,21 @@ class Site:
         if self.engine is not None:
             self.engine.load_state_dict(state["engine"])
             self.noise_multiplier = float(state["noise_multiplier"])
+            self._keep_newer_accounting()
         self.generator.set_state(state["sampler_rng"])
+
+    def _keep_newer_accounting(self) -> None:
+        if self.state_path is None or not self.state_path.exists():
+            return
+        own = load_state(self.state_path, "site state file")
+        accountant = Accountant()
+        try:
+            accountant.load_state_dict(own["engine"]["accountant"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateFileError(f"site state file {self.state_path}: {type(exc).__name__}: {exc}") from None
+        if accountant.steps > self.engine.accountant.steps:
+            log.warning("site %s: its own state has spent more privacy than the checkpoint; keeping it", self.site_id)
+            self.engine.accountant.load_state_dict(accountant.state_dict())
 
     def __repr__(self) -> str:
         dp = "non-private" if self.dp is None else f"DP sigma={self.noise_multiplier:.3g} C={self.dp.max_grad_norm}"

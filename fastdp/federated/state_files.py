@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fastdp.federated.atomic import atomic_torch_save
+from fastdp.atomic import atomic_torch_save
 
 __all__ = ["FORMAT", "StateFileError", "check_finite", "check_model_state", "load_state", "save_state"]
 

@@ -24,6 +24,7 @@ import os
 import shutil
 from pathlib import Path
 
+from fastdp.atomic import atomic_write_text
 from fastdp.report.plots import plot_dice, plot_epsilon, plot_privacy_utility, plot_round_times
 from fastdp.report.summary import ModeSummary, RunHistory, find_runs, summarize_all
 
@@ -290,7 +291,5 @@ def write_report(
         lines += ["", "<details><summary>config.toml</summary>", "", "```toml", config.read_text().rstrip(), "```"]
         lines += ["", "</details>"]
     out = run_dir / "report.md"
-    tmp = out.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out)  # a report being regenerated is never seen half-written
+    atomic_write_text(out, "\n".join(lines) + "\n")  # a report being regenerated is never seen half-written
     return out

@@ -14,6 +14,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastdp.federated.records import RoundRecord, SiteRecord
+
 __all__ = [
     "ModeSummary",
     "RunHistory",
@@ -37,7 +39,7 @@ class RunHistory:
     label: str
     path: Path
     mode: str
-    rounds: list[dict]
+    rounds: list[RoundRecord]
     config: dict = field(default_factory=dict)
     privacy: dict = field(default_factory=dict)
 
@@ -108,8 +110,9 @@ def load_history(path: str | Path, label: str | None = None) -> RunHistory:
     if path.is_dir():
         path = path / "history.json"
     data = json.loads(path.read_text())
-    rounds = [r for r in data.get("rounds") or [] if isinstance(r, dict)]
-    rounds.sort(key=lambda r: r.get("round", 0))
+    raw = [r for r in data.get("rounds") or [] if isinstance(r, dict)]
+    rounds = [RoundRecord.from_dict({"round": i + 1, **r}) for i, r in enumerate(raw)]
+    rounds.sort(key=lambda r: r.round)
     return RunHistory(
         label=label or path.parent.name,
         path=path,
@@ -144,7 +147,7 @@ def find_runs(run_dir: str | Path) -> list[RunHistory]:
     return sorted(runs, key=order)
 
 
-def _last(rounds: list[dict], get) -> float | None:
+def _last(rounds: list[RoundRecord], get) -> float | None:
     for r in reversed(rounds):
         v = as_number(get(r))
         if v is not None:
@@ -152,8 +155,9 @@ def _last(rounds: list[dict], get) -> float | None:
     return None
 
 
-def site_record(r: dict, site: str) -> dict:
-    return (r.get("sites") or {}).get(site) or {}
+def site_record(r: RoundRecord, site: str) -> SiteRecord:
+    """The round's record of `site` (an empty SiteRecord when the round does not list it)."""
+    return r.sites.get(site) or SiteRecord()
 
 
 def _status(run: RunHistory, site: str) -> str:

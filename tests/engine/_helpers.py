@@ -45,10 +45,10 @@ def reference_and_clip(model, x, y, per_sample_loss, quantile=0.5):
     return grads, norms, C
 
 
-def check_against_reference(model, x, y, per_sample_loss, batch_loss, rtol=1e-5, quantile=0.5):
+def check_against_reference(model, x, y, per_sample_loss, batch_loss, rtol=1e-5, quantile=0.5, **make_private_kw):
     ref_grads, norms, C = reference_and_clip(model, x, y, per_sample_loss, quantile)
     expected = clipped_mean(ref_grads, norms, C, x.shape[0])
-    got, _, _ = fastdp_step(model, x, y, batch_loss, C)
+    got, _, _ = fastdp_step(model, x, y, batch_loss, C, **make_private_kw)
     assert set(got) == set(expected)
     # parameters whose true gradient is ~0 (a conv bias before a norm) are compared at the model's scale
     floor = 1e-3 * max(float(e.abs().max()) for e in expected.values())

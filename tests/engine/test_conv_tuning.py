@@ -1,29 +1,30 @@
-"""The per-sample conv method is tuned once per layer shape and batch-size bucket, not per batch size."""
+"""The per-sample conv method is tuned once per layer shape and batch-size bucket, not per batch
+size, by a ConvTuner that each private model owns; its method is set per private model."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch import nn
 
-from fastdp.engine import layers
+from fastdp.engine import PrivateModule
+from fastdp.engine.rules import ConvTuner
+from fastdp.engine.rules.conv_tuner import ConvSpec
 
 
 def test_batch_sizes_in_one_bucket_share_the_tuned_method(monkeypatch):
-    monkeypatch.setattr(layers, "CONV_METHOD", None)
-    monkeypatch.setattr(layers, "_conv_choice", {})
-    monkeypatch.setattr(layers, "_conv_trials", {})
+    tuner = ConvTuner("auto")
     conv = torch.nn.Conv2d(3, 4, 3, padding=1)
-    spec = layers.ConvSpec(
-        stride=[1, 1], padding=[1, 1], dilation=[1, 1], transposed=False, output_padding=[0, 0], groups=1
-    )
+    spec = ConvSpec(stride=[1, 1], padding=[1, 1], dilation=[1, 1], transposed=False, output_padding=[0, 0], groups=1)
     timed = []
-    real = layers._timed
-    monkeypatch.setattr(layers, "_timed", lambda *a: timed.append(a[0]) or real(*a))
+    real = tuner.time_method
+    monkeypatch.setattr(tuner, "time_method", lambda *a: timed.append(a[0]) or real(*a))
     # Poisson batch sizes 20..31 all fall in the 32 bucket: tuning runs on the first TUNE_CALLS
     # calls only, then every size reuses the choice; each result is still the exact gradient.
     for batch in range(20, 32):
         x = torch.randn(batch, 3, 8, 8)
         g = torch.randn(batch, 4, 8, 8)
-        got = layers._per_sample_conv_weight(g, x, conv.weight, spec, 0, batch)
+        got = tuner.per_sample_weight(g, x, conv.weight, spec, 0, batch)
         want = torch.stack(
             [
                 torch.nn.grad.conv2d_weight(x[i : i + 1], conv.weight.shape, g[i : i + 1], padding=1)
@@ -31,8 +32,62 @@ def test_batch_sizes_in_one_bucket_share_the_tuned_method(monkeypatch):
             ]
         )
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    assert len(layers._conv_choice) == 1
-    n_candidates = len(layers._ps_candidates(x, conv.weight, spec))
-    assert len(timed) == layers.TUNE_CALLS * n_candidates
-    assert layers._batch_bucket(20) == layers._batch_bucket(31) == 32
-    assert layers._batch_bucket(33) == 64 and layers._batch_bucket(1) == 1
+    assert len(tuner.choices) == 1
+    n_candidates = len(ConvTuner.candidates(x, conv.weight, spec))
+    assert len(timed) == tuner.tune_calls * n_candidates
+    assert ConvTuner.batch_bucket(20) == ConvTuner.batch_bucket(31) == 32
+    assert ConvTuner.batch_bucket(33) == 64 and ConvTuner.batch_bucket(1) == 1
+
+
+def _conv_model():
+    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 2))
+
+
+def test_each_private_model_owns_its_tuner():
+    a, b = PrivateModule(_conv_model(), conv_method="auto"), PrivateModule(_conv_model(), conv_method="loop")
+    assert a.conv_tuner is not b.conv_tuner
+    assert (a.conv_tuner.method, b.conv_tuner.method) == ("auto", "loop")
+    for model in (a, b, a, b):  # two calls of one shape: "auto" has tuned it, "loop" tunes nothing
+        model(torch.randn(4, 2, 4, 4)).sum().backward()
+        model.tape.clear()
+    assert len(a.conv_tuner.choices) == 1 and not b.conv_tuner.choices
+
+
+def test_default_method_read_from_the_environment_at_creation(monkeypatch):
+    monkeypatch.setenv("FASTDP_CONV_METHOD", "grouped")
+    assert PrivateModule(_conv_model()).conv_tuner.method == "grouped"
+    assert PrivateModule(_conv_model(), conv_method="unfold").conv_tuner.method == "unfold"  # explicit wins
+    monkeypatch.delenv("FASTDP_CONV_METHOD")
+    assert PrivateModule(_conv_model()).conv_tuner.method == "auto"
+    monkeypatch.setenv("FASTDP_CONV_METHOD", "fastest")
+    with pytest.raises(ValueError, match="FASTDP_CONV_METHOD='fastest'"):
+        PrivateModule(_conv_model())
+    with pytest.raises(ValueError, match="conv_method='im2col'"):
+        PrivateModule(_conv_model(), conv_method="im2col")
+
+
+def test_make_private_sets_the_conv_method():
+    import fastdp
+
+    model = _conv_model()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(8, 1)), batch_size=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = fastdp.PrivacyEngine()
+    private, _, _ = engine.make_private(
+        module=model,
+        optimizer=opt,
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        conv_method="grouped",
+    )
+    assert private.conv_tuner.method == "grouped"
+    with pytest.raises(ValueError, match="already wrapped with conv_method='grouped'"):
+        engine.make_private(
+            module=private,
+            optimizer=opt,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            conv_method="loop",
+        )

@@ -7,19 +7,19 @@ import torch
 from _helpers import check_against_reference, mse_batch, mse_per_sample
 from torch import nn
 
-from fastdp.engine import layers
+from fastdp.engine.rules import base
 
 pytestmark = pytest.mark.usefixtures("float64")
 
 B = 5
 
 
-def _run(module, in_shape, requires_grad_input=False):
+def _run(module, in_shape, requires_grad_input=False, **make_private_kw):
     model = nn.Sequential(module)
     x = torch.randn(B, *in_shape)
     with torch.no_grad():
         y = torch.randn_like(model(x))
-    check_against_reference(model, x, y, mse_per_sample, mse_batch)
+    check_against_reference(model, x, y, mse_per_sample, mse_batch, **make_private_kw)
 
 
 CONV_CASES = {
@@ -55,19 +55,18 @@ def test_conv(case):
 
 @pytest.mark.parametrize("method", ["loop", "grouped", "unfold"])
 @pytest.mark.parametrize("case", list(CONV_CASES))
-def test_conv_per_sample_methods(case, method, monkeypatch):
+def test_conv_per_sample_methods(case, method):
     """Each per-sample weight-gradient method gives the same (exact) result."""
     if method == "unfold" and (len(CONV_CASES[case][1]) != 3 or "T" in case):
         pytest.skip("unfold path is 2-d, non-transposed only")
-    monkeypatch.setattr(layers, "CONV_METHOD", method)
     make, shape = CONV_CASES[case]
-    _run(make(), shape)
+    _run(make(), shape, conv_method=method)
 
 
 @pytest.mark.parametrize("case", ["conv2d", "convT2d", "conv3d"])
 def test_conv_deferred_path(case, monkeypatch):
     """Large-weight path: norms from per-sample grads, clipped sum from one c-scaled weight gradient."""
-    monkeypatch.setattr(layers, "STORE_RATIO", 0.0)
+    monkeypatch.setattr(base, "STORE_RATIO", 0.0)
     make, shape = CONV_CASES[case]
     _run(make(), shape)
 
@@ -81,7 +80,7 @@ def test_linear(shape):
 
 
 def test_linear_large_deferred(monkeypatch):
-    monkeypatch.setattr(layers, "STORE_RATIO", 0.0)
+    monkeypatch.setattr(base, "STORE_RATIO", 0.0)
     _run(nn.Linear(4, 3), (10, 4))  # not ghost (2T^2 > pd) and "large": per-sample norms + recompute
 
 
@@ -174,7 +173,7 @@ class Tied(nn.Module):
 
 @pytest.mark.parametrize("store_ratio", [4.0, 0.0])
 def test_layer_called_twice_in_one_forward(store_ratio, monkeypatch):
-    monkeypatch.setattr(layers, "STORE_RATIO", store_ratio)
+    monkeypatch.setattr(base, "STORE_RATIO", store_ratio)
     x = torch.randn(B, 4)
     check_against_reference(Tied(), x, torch.randn(B, 2), mse_per_sample, mse_batch)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fastdp.experiment import ConfigError, ExperimentConfig
@@ -17,10 +19,10 @@ def test_planned_runs_expand_an_epsilon_sweep():
 
 
 def test_planned_noise_multiplier(monkeypatch):
-    import fastdp.accounting
+    from fastdp.federated import dp_config
 
-    calls = []
-    monkeypatch.setattr(fastdp.accounting, "get_noise_multiplier", lambda *a: calls.append(a) or 0.5)
+    calls = []  # the one calibration: DPConfig.noise_multiplier_for, as the Site calls it
+    monkeypatch.setattr(dp_config, "get_noise_multiplier", lambda *a: calls.append(a) or 0.5)
     cfg = ExperimentConfig().replace(**{"federated.rounds": 2, "federated.local_steps": 5, "dp.accountant": "pld"})
     # Calibrated over every planned step (rounds * local_steps) at sample rate batch_size / n.
     assert planned_noise_multiplier(cfg, 320) == 0.5
@@ -75,37 +77,9 @@ def test_backend_is_validated():
         ExperimentConfig().replace(**{"federated.backend": "flwr"})
 
 
-def test_flower_backend_builds_the_run_config(tmp_path, monkeypatch):
-    """run_mode with federated.backend = "flower" hands launch_local the experiment and the run (no processes)."""
-    pytest.importorskip("flwr", reason="the Flower backend needs the extra: pip install 'fastdp[flower]'")
+def test_flower_backend_needs_the_flower_runner():
+    cfg = ExperimentConfig().replace(**{"federated.backend": "flower"})
     from fastdp.experiment.runner import run_mode
-    from fastdp.federated import flower
 
-    calls = []
-
-    def fake_launch_local(num_nodes=None, run_config=None, work_dir=None, **kwargs):
-        calls.append((num_nodes, run_config, work_dir, kwargs))
-        return flower.FlowerRun({}, {}, tmp_path, tmp_path, run_id=1, status="finished:completed", wall_s=0.0)
-
-    monkeypatch.setattr(flower, "launch_local", fake_launch_local)
-    cfg = ExperimentConfig().replace(
-        modes=["centralised", "nonprivate", "dp"],
-        **{"federated.backend": "flower", "dp.epsilon_sweep": [2, 8], "data.sites": ["site_a", "site_b"]},
-    )
-    data = build_data(cfg.data, cfg.seed)
-    runs = planned_runs(cfg)
-    paths = [run_mode(cfg, run, data, tmp_path, progress=False) for run in runs]
-    assert paths == [tmp_path.resolve() / r.label / "global_model.pt" for r in runs]
-    assert len(calls) == len(runs)
-    for run, (num_nodes, run_config, work_dir, kwargs) in zip(runs, calls, strict=True):
-        out = tmp_path.resolve() / run.label
-        assert run_config == flower.resolve_config(run_config)  # a complete, valid run config
-        assert set(run_config) == set(flower.DEFAULT_RUN_CONFIG)
-        experiment, spec = flower.load_experiment(run_config)
-        assert experiment == cfg and spec == run
-        assert run_config["run"] == run.label
-        assert run_config["num-sites"] == (1 if run.mode == "centralised" else 2)
-        assert run_config["out-dir"] == str(out)
-        assert run_config["state-dir"] == str(out / "flower" / "state")
-        assert work_dir == out / "flower" and num_nodes is None
-        assert kwargs["timeout"] is None  # a long experiment is not cut off
+    with pytest.raises(ConfigError, match="fastdp.flower.run_experiment"):
+        run_mode(cfg, planned_runs(cfg)[0], None, Path("/nonexistent"), progress=False)

@@ -183,15 +183,24 @@ def test_a_dp_sites_failure_message_does_not_leave_the_site():
 
 
 class _FixedSite:
-    """A site whose update is given (what a malicious or unusual site sends)."""
+    """A site whose update is given (what a malicious or unusual site sends): a FederatedSite."""
 
-    engine = dp = state_path = None
+    is_private, noise_is_private, epsilon_budget = False, None, None
 
     def __init__(self, site_id: str, delta: dict, num_samples: int = 10) -> None:
         self.site_id, self.delta, self.num_samples = site_id, delta, num_samples
 
     def within_budget(self) -> bool:
         return True
+
+    def epsilon(self) -> float:
+        return math.inf
+
+    def releases(self) -> list[str]:
+        return ["delta", "num_samples", "steps"]
+
+    def persist_state_to(self, path) -> None:
+        pass
 
     def local_update(self, global_state, round=0, config=None) -> SiteUpdate:
         return SiteUpdate(self.site_id, {k: v.clone() for k, v in self.delta.items()}, self.num_samples, 1, None)
@@ -221,6 +230,13 @@ def _one_round(sites, strategy) -> torch.Tensor:
     sim = Simulation(sites, strategy, _linear, initial_state=init, rounds=1, progress=False, max_update_norm=None)
     sim.run_round(1)
     return sim.global_state["weight"]
+
+
+def test_a_fixed_site_is_a_federated_site():
+    from fastdp.federated.site_protocol import FederatedSite
+
+    assert isinstance(_FixedSite("a", _direction(1, 0)), FederatedSite)
+    assert isinstance(Site("site_a", phantom("site_a", 8), None, tiny_unet, batch_size=4), FederatedSite)
 
 
 def test_dp_fedavg_sum_moves_by_at_most_S_when_one_site_is_added():

@@ -27,15 +27,15 @@ from fastdp.accounting import PrivacyBudgetExceeded
 from fastdp.experiment.builders import RunSpec, build_site, resolve_device
 from fastdp.experiment.config import ExperimentConfig
 from fastdp.experiment.data import build_data
-from fastdp.federated.flower.config import load_experiment, resolve_config
-from fastdp.federated.flower.records import record_to_state, update_to_content
 from fastdp.federated.simulation import public_error
 from fastdp.federated.site import Site
 from fastdp.federated.state_files import StateFileError, load_state, save_state
+from fastdp.flower.config import load_experiment, resolve_config
+from fastdp.flower.records import record_to_state, update_to_content
 
 __all__ = ["app", "open_site", "state_path"]
 
-log = logging.getLogger("fastdp.federated.flower")
+log = logging.getLogger("fastdp.flower")
 
 app = ClientApp()
 

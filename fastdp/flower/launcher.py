@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from fastdp.federated.flower.app_files import write_app
-from fastdp.federated.flower.config import resolve_config
-from fastdp.federated.flower.offline import OFFLINE_ENV
-from fastdp.federated.flower.processes import (
+from fastdp.atomic import atomic_write_text
+from fastdp.flower.app_files import write_app
+from fastdp.flower.config import resolve_config
+from fastdp.flower.offline import OFFLINE_ENV
+from fastdp.flower.processes import (
     FlowerRunError,
     flwr_cli,
     free_ports,
@@ -104,8 +105,9 @@ def launch_local(
     home.mkdir(exist_ok=True)
 
     link_port, *node_ports = free_ports(1 + num_nodes)
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
+    atomic_write_text(
+        home / "config.toml",
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n',
     )
     penv = {
         **os.environ,

@@ -17,11 +17,11 @@ import torch
 from flwr.app import Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fastdp.atomic import atomic_torch_save
 from fastdp.experiment.builders import build_strategy, model_factory, resolve_device, simulation_options
 from fastdp.experiment.data import build_data
-from fastdp.federated.atomic import atomic_torch_save
-from fastdp.federated.flower.config import load_experiment, resolve_config
-from fastdp.federated.flower.remote import FlowerSimulation, RemoteSite
+from fastdp.flower.config import load_experiment, resolve_config
+from fastdp.flower.remote import FlowerSimulation, RemoteSite
 
 __all__ = ["app", "connect_sites"]
 

@@ -22,10 +22,10 @@ from fastdp.noise import ReproducibleNoiseWarning
 
 pytest.importorskip("flwr", reason="the Flower adapter needs the extra: pip install 'fastdp[flower]'")
 
+from fastdp import flower  # noqa: E402
 from fastdp.experiment import ExperimentConfig  # noqa: E402
-from fastdp.experiment.builders import build_simulation, build_site, find_run, model_factory  # noqa: E402
+from fastdp.experiment.builders import build_simulation, build_site, find_run, model_factory, planned_runs  # noqa: E402, E501
 from fastdp.experiment.data import build_data  # noqa: E402
-from fastdp.federated import flower  # noqa: E402
 from fastdp.federated.simulation import initial_global_state  # noqa: E402
 from fastdp.federated.site import SiteUpdate  # noqa: E402
 from fastdp.federated.state_files import load_state  # noqa: E402
@@ -91,7 +91,7 @@ def test_flower_fedavg_matches_simulation(tmp_path):
 @pytest.mark.slow
 def test_flower_backend_of_the_runner_dp_sgd_matches_simulation(tmp_path, monkeypatch):
     """`fastdp run --set federated.backend="flower"`: the run folder the report reads, same numbers as in-process."""
-    from fastdp.experiment.runner import run_experiment
+    from fastdp.flower import run_experiment
 
     for k, v in CHILD_ENV.items():
         monkeypatch.setenv(k, v)  # inherited by every Flower process the runner starts
@@ -255,3 +255,38 @@ def test_written_app_passes_flowers_checks(tmp_path):
     assert run_config["experiment"] == cfg.to_toml()  # the multi-line experiment text survives exactly
     resolved = flower.resolve_config(run_config)
     assert resolved["out-dir"] == "/x y/out" and flower.load_experiment(resolved)[0] == cfg
+
+
+def test_flower_backend_builds_the_run_config(tmp_path, monkeypatch):
+    """run_mode with the Flower trainer hands launch_local the experiment and the run (no processes)."""
+    from fastdp.experiment.runner import run_mode
+    from fastdp.flower import experiment as flower_experiment
+
+    calls = []
+
+    def fake_launch_local(num_nodes=None, run_config=None, work_dir=None, **kwargs):
+        calls.append((num_nodes, run_config, work_dir, kwargs))
+        return flower.FlowerRun({}, {}, tmp_path, tmp_path, run_id=1, status="finished:completed", wall_s=0.0)
+
+    monkeypatch.setattr(flower_experiment, "launch_local", fake_launch_local)
+    cfg = ExperimentConfig().replace(
+        modes=["centralised", "nonprivate", "dp"],
+        **{"federated.backend": "flower", "dp.epsilon_sweep": [2, 8], "data.sites": ["site_a", "site_b"]},
+    )
+    data = build_data(cfg.data, cfg.seed)
+    runs = planned_runs(cfg)
+    paths = [run_mode(cfg, run, data, tmp_path, progress=False, train=flower.train_over_flower) for run in runs]
+    assert paths == [tmp_path.resolve() / r.label / "global_model.pt" for r in runs]
+    assert len(calls) == len(runs)
+    for run, (num_nodes, run_config, work_dir, kwargs) in zip(runs, calls, strict=True):
+        out = tmp_path.resolve() / run.label
+        assert run_config == flower.resolve_config(run_config)  # a complete, valid run config
+        assert set(run_config) == set(flower.DEFAULT_RUN_CONFIG)
+        experiment, spec = flower.load_experiment(run_config)
+        assert experiment == cfg and spec == run
+        assert run_config["run"] == run.label
+        assert run_config["num-sites"] == (1 if run.mode == "centralised" else 2)
+        assert run_config["out-dir"] == str(out)
+        assert run_config["state-dir"] == str(out / "flower" / "state")
+        assert work_dir == out / "flower" and num_nodes is None
+        assert kwargs["timeout"] is None  # a long experiment is not cut off

@@ -1,0 +1,169 @@
+"""Per-sample weight gradients of a convolution, three ways, and the ConvTuner that picks one.
+
+The fastest method depends on the layer and the machine (measured on a 2-core CPU: a batch-1
+loop at high resolution, the batch folded into groups elsewhere), so by default ("auto") each
+layer shape is timed on its first calls and the fastest method kept. The methods agree only to
+float rounding, so runs compared for equality across processes fix one method.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+aten = torch.ops.aten
+
+METHODS = ("auto", "loop", "grouped", "unfold")
+TUNE_CALLS = 2  # timed calls per layer shape before the fastest method is kept
+ENV_VAR = "FASTDP_CONV_METHOD"
+
+
+@dataclass
+class ConvSpec:
+    """The hyper-parameters of one convolution, as aten.convolution takes them."""
+
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    transposed: bool
+    output_padding: list[int]
+    groups: int
+
+
+def conv_backward(g, x, w, s: ConvSpec, mask: list[bool], bias_sizes: list[int] | None = None):
+    """aten.convolution_backward of output gradient g w.r.t. (input x, weight w, bias), only the
+    parts `mask` asks for: (grad_x | None, grad_w | None, grad_b | None)."""
+    return aten.convolution_backward(
+        g, x, w, bias_sizes, s.stride, s.padding, s.dilation, s.transposed, s.output_padding, s.groups, mask
+    )
+
+
+def _weight_grad(g, x, w, s: ConvSpec) -> torch.Tensor:
+    return conv_backward(g, x, w, s, [False, True, False])[1]
+
+
+def _ps_loop(g, x, w, s: ConvSpec) -> torch.Tensor:
+    """A loop of batch-1 weight-gradient convolutions (no im2col buffer)."""
+    out = torch.empty((x.shape[0], *w.shape), dtype=w.dtype, device=w.device)
+    for i in range(x.shape[0]):
+        out[i] = _weight_grad(g[i : i + 1], x[i : i + 1], w, s)
+    return out
+
+
+def _ps_grouped(g, x, w, s: ConvSpec) -> torch.Tensor:
+    """One grouped weight-gradient convolution with the batch folded into the groups."""
+    n = x.shape[0]
+    xg = x.reshape(1, n * x.shape[1], *x.shape[2:])
+    gg = g.reshape(1, n * g.shape[1], *g.shape[2:])
+    wg = w.repeat(n, *([1] * (w.dim() - 1)))
+    folded = ConvSpec(s.stride, s.padding, s.dilation, s.transposed, s.output_padding, s.groups * n)
+    return _weight_grad(gg, xg, wg, folded).view(n, *w.shape)
+
+
+def _ps_unfold(g, x, w, s: ConvSpec) -> torch.Tensor:
+    """im2col + batched matmul (2-d, not transposed; cheap when C_in * k * k is small)."""
+    n, G = x.shape[0], s.groups
+    cols = F.unfold(x, w.shape[2:], s.dilation, s.padding, s.stride)  # [n, C_in*k*k, T]
+    cols = cols.view(n, G, -1, cols.shape[-1])
+    gg = g.reshape(n, G, w.shape[0] // G, -1)
+    return torch.einsum("bgot,bgit->bgoi", gg, cols).reshape(n, *w.shape)
+
+
+_PS_METHODS = {"loop": _ps_loop, "grouped": _ps_grouped, "unfold": _ps_unfold}
+
+
+def default_conv_method() -> str:
+    """The method when none is given: $FASTDP_CONV_METHOD if set (a whole process, e.g. the Flower
+    child processes, on one fixed method), else "auto". Read when a private model is created."""
+    method = os.environ.get(ENV_VAR) or "auto"
+    if method not in METHODS:
+        raise ValueError(f"{ENV_VAR}={method!r}: expected one of {list(METHODS)}")
+    return method
+
+
+class ConvTuner:
+    """Chooses, per layer shape, how one private model computes per-sample conv weight gradients.
+
+    method: "auto" (time the candidates on the first `tune_calls` calls of each layer shape and
+    batch-size bucket, keep the fastest) or a fixed "loop", "grouped" or "unfold" ("unfold" only
+    for 2-d, non-transposed convolutions). `choices` holds the kept "auto" choices.
+    """
+
+    def __init__(self, method: str = "auto", tune_calls: int = TUNE_CALLS) -> None:
+        if method not in METHODS:
+            raise ValueError(f"conv_method={method!r}: expected one of {list(METHODS)}")
+        self.method = method
+        self.tune_calls = tune_calls
+        self.choices: dict[tuple, str] = {}
+        self._trials: dict[tuple, dict[str, float]] = {}  # best seconds per method, while tuning
+        self._calls: dict[tuple, int] = {}  # timed calls so far, while tuning
+
+    def per_sample_weight(self, g, x, w, s: ConvSpec, lo: int, hi: int) -> torch.Tensor:
+        """[hi-lo, *w.shape] per-sample weight gradients of samples lo..hi-1.
+
+        g: [B, C_out, *T] output gradient; x: [B, C_in, *S] the layer's (padded) input; w: weight.
+        """
+        g, x = g[lo:hi], x[lo:hi]
+        if self.method != "auto":
+            return _PS_METHODS[self.method](g, x, w, s)
+        if x.shape[0] <= 1:
+            return _ps_loop(g, x, w, s)
+        key = (
+            self.batch_bucket(x.shape[0]),
+            tuple(x.shape[1:]),
+            tuple(w.shape),
+            tuple(s.stride),
+            tuple(s.padding),
+            tuple(s.dilation),
+            s.transposed,
+            s.groups,
+            x.dtype,
+            x.device.type,
+        )
+        choice = self.choices.get(key)
+        if choice is not None:
+            return _PS_METHODS[choice](g, x, w, s)
+        trials = self._trials.setdefault(key, {})
+        result = None
+        for name in self.candidates(x, w, s):
+            out, dt = self.time_method(name, g, x, w, s)
+            trials[name] = min(trials.get(name, float("inf")), dt)
+            result = out if result is None else result
+        self._calls[key] = self._calls.get(key, 0) + 1
+        if self._calls[key] >= self.tune_calls:
+            self.choices[key] = min(trials, key=trials.__getitem__)
+            del self._trials[key], self._calls[key]
+        return result
+
+    @staticmethod
+    def candidates(x, w, s: ConvSpec) -> list[str]:
+        """The methods worth timing for this layer (unfold only where its im2col buffer is small)."""
+        cands = ["loop", "grouped"]
+        if not s.transposed and x.dim() == 4 and x.is_floating_point():
+            kk = w.shape[1] * w.shape[2] * w.shape[3]  # C_in/groups * k * k
+            one_by_one = w.shape[2] * w.shape[3] == 1  # im2col is the input itself
+            if one_by_one or kk <= 2 * w.shape[0] // s.groups:  # im2col at most twice the output gradient
+                cands.append("unfold")
+        return cands
+
+    @staticmethod
+    def batch_bucket(batch: int) -> int:
+        """Batch sizes share a tuning result up to the next power of two: Poisson sampling gives a
+        different batch size nearly every step, and timing every candidate for each new size made
+        a 64x64 U-Net's DP step 1.5x non-private instead of 1.1x (measured on the 2-core CPU)."""
+        return 1 << max(0, int(batch) - 1).bit_length()
+
+    def time_method(self, name: str, g, x, w, s: ConvSpec) -> tuple[torch.Tensor, float]:
+        """(per-sample weight gradients by method `name`, seconds it took)."""
+        sync = x.device.type == "cuda"
+        if sync:
+            torch.cuda.synchronize(x.device)
+        t0 = time.perf_counter()
+        out = _PS_METHODS[name](g, x, w, s)
+        if sync:
+            torch.cuda.synchronize(x.device)
+        return out, time.perf_counter() - t0
