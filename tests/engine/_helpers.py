@@ -91,3 +91,19 @@ def check_noise_and_coverage(model, x, y, per_sample_loss, sigma=1.3, expected_b
     assert n > 500
     assert abs(float(z.mean())) < 5 / n**0.5
     assert abs(float(z.std()) - 1) < 5 / (2 * n) ** 0.5
+
+
+def small_model():
+    """A conv + GroupNorm + PReLU + Linear classifier for 1x6x6 inputs (every fast rule family but embedding)."""
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.PReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+
+
+def small_data(n=40):
+    """n seeded (image [1, 6, 6], label in 0..2) pairs for small_model."""
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def snapshot(model):
+    """{name: a copy of the parameter}."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}

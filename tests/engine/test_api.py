@@ -9,6 +9,9 @@ import json
 import pytest
 import torch
 from _helpers import fastdp_step
+from _helpers import small_data as _data
+from _helpers import small_model as _model
+from _helpers import snapshot as _snapshot
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -20,19 +23,6 @@ from fastdp.engine import (
     PrivacyStepError,
     UnsupportedModuleError,
 )
-
-
-def _model():
-    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.PReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
-
-
-def _data(n=40):
-    g = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
-
-
-def _snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW])

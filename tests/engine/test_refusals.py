@@ -13,6 +13,9 @@ from collections import OrderedDict
 import pytest
 import torch
 from _helpers import check_against_reference, fastdp_step, mse_batch, mse_per_sample
+from _helpers import small_data as _data
+from _helpers import small_model as _model
+from _helpers import snapshot as _snapshot
 from _reference import clipped_mean, per_sample_grads
 from torch import nn
 from torch.nn.utils import parametrize
@@ -22,19 +25,6 @@ import fastdp
 from fastdp.engine import BatchMemoryManager, DPDataLoader, PrivacyStepError, UnsupportedModuleError
 
 ONE_PASS = r"exactly one forward and one backward per optimizer step"
-
-
-def _model():
-    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.PReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
-
-
-def _data(n=40):
-    g = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
-
-
-def _snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def _unchanged(model, before, opt, engine):
