@@ -7,6 +7,7 @@
     fastdp report RUN_DIR         (re)write RUN_DIR/report.md and its plots
     fastdp config [CONFIG]        print the resolved config as TOML
     fastdp bench {step,ops} ...   the benchmarks in benchmarks/
+    fastdp credentials DIR ...    a CA, a SuperLink TLS certificate and SuperNode keys for Flower
 
 Also ``python -m fastdp``. The federated engine, the attacks and matplotlib are imported only by
 the subcommands that use them.
@@ -32,6 +33,7 @@ examples:
   fastdp report runs/demo
   fastdp config --show configs/demo.toml --set federated.rounds=3
   fastdp bench step -- --batches 16 --sizes 64
+  fastdp credentials certs --host superlink.example.org --nodes 3   # TLS + SuperNode keys for Flower
 """
 
 
@@ -148,15 +150,41 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if args.out_dir:
         cfg = cfg.replace(out_dir=args.out_dir)
+    extra = {}
     if cfg.federated.backend == "flower":
         from fastdp.flower import run_experiment  # ImportError without the extra: main says what to install
+
+        extra["insecure"] = args.insecure
     else:
         from fastdp.experiment.runner import run_experiment
+
+        if args.insecure:
+            raise CLIError('--insecure is for the Flower backend (federated.backend = "flower") only')
     _logging(args.verbose)
-    run_dir = run_experiment(cfg, progress=not args.no_progress, report=not args.no_report, fresh=args.fresh)
+    run_dir = run_experiment(cfg, progress=not args.no_progress, report=not args.no_report, fresh=args.fresh, **extra)
     print(f"run folder: {run_dir}")
     if not args.no_report:
         print(f"report: {run_dir / 'report.md'}")
+    return 0
+
+
+def _cmd_credentials(args: argparse.Namespace) -> int:
+    from fastdp.flower.credentials import make_ca, make_node_key, make_server_certificate
+
+    out = Path(args.out_dir)
+    if (out / "ca.key").exists() and not args.force:
+        raise CLIError(f"{out / 'ca.key'} exists: a new CA would invalidate every certificate it signed (--force)")
+    if args.nodes < 0:
+        raise CLIError(f"--nodes must be >= 0, got {args.nodes}")
+    ca = make_ca(out, name=args.name, days=args.days)
+    server = make_server_certificate(ca, out, hosts=args.host or ["127.0.0.1", "localhost"], days=args.days)
+    keys = [make_node_key(out / "nodes", f"{args.node_prefix}{k}") for k in range(args.nodes)]
+    print(f"CA:                 {ca.cert}   (give to every SuperNode and flwr host: --root-certificates)")
+    print(f"CA key:             {ca.key}   (keep offline; signs new server certificates)")
+    print(f"SuperLink TLS:      {server.cert}, {server.key}   (server host only)")
+    for key in keys:
+        print(f"SuperNode key:      {key.private}   (that hospital only: --auth-supernode-private-key)")
+        print(f"  register with:    flwr supernode register {key.public} <connection>")
     return 0
 
 
@@ -281,8 +309,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-report", action="store_true", help="do not write report.md")
     p.add_argument("--fresh", action="store_true", help="discard the run folder's checkpoints and train from scratch")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="Flower backend only: no TLS and no SuperNode authentication (a warning says so); default: TLS with a "
+        "generated CA and registered SuperNodes",
+    )
     p.add_argument("--verbose", "-v", action="store_true")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "credentials",
+        help="a private CA, a SuperLink TLS certificate and SuperNode keys for a Flower federation",
+        description="Writes OUT_DIR/ca.crt + ca.key (a new CA), OUT_DIR/server.crt + server.key (the SuperLink's TLS "
+        "certificate for every --host) and OUT_DIR/nodes/<prefix>K + .pub (SuperNode authentication keys, "
+        "ECDSA P-384, OpenSSH format). Private keys are written with mode 0600. See docs/flower.md.",
+        epilog="examples:\n  fastdp credentials certs --host superlink.hospital-net.org --host 10.0.0.5 --nodes 3",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("out_dir", help="folder for the files")
+    p.add_argument("--host", action="append", help="a name or IP address the SuperLink is reached at (repeatable)")
+    p.add_argument("--nodes", type=int, default=0, help="SuperNode key pairs to make")
+    p.add_argument("--node-prefix", default="hospital-", help="SuperNode key file names: PREFIX0, PREFIX1, ...")
+    p.add_argument("--name", default="fastdp federation CA", help="the CA's common name")
+    p.add_argument("--days", type=int, default=365, help="validity of the certificates")
+    p.add_argument("--force", action="store_true", help="overwrite an existing CA")
+    p.set_defaults(func=_cmd_credentials)
 
     p = sub.add_parser(
         "epsilon",

@@ -13,7 +13,7 @@ from fastdp.accounting import compute_epsilon, get_noise_multiplier
 from fastdp.cli import main
 from fastdp.experiment import ExperimentConfig, load_config
 
-SUBCOMMANDS = ("run", "epsilon", "calibrate", "attack", "report", "config", "bench")
+SUBCOMMANDS = ("run", "epsilon", "calibrate", "attack", "report", "config", "bench", "credentials")
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -115,3 +115,32 @@ def test_bench_forwards_arguments(monkeypatch, sep):
 def test_python_dash_m(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fastdp", "--version"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("fastdp ")
+
+
+def test_insecure_is_for_the_flower_backend_only(capsys):
+    code, _, err = _run(capsys, "run", "--insecure", "--set", "federated.rounds=1")
+    assert code == 2 and "--insecure is for the Flower backend" in err
+
+
+def test_credentials_writes_a_ca_a_server_certificate_and_node_keys(capsys, tmp_path):
+    pytest.importorskip("flwr", reason="fastdp credentials is part of the Flower extra")
+    from cryptography import x509
+
+    out = tmp_path / "certs"
+    code, text, _ = _run(capsys, "credentials", str(out), "--host", "sl.example.org", "--nodes", "2")
+    assert code == 0 and "flwr supernode register" in text
+    cert = x509.load_pem_x509_certificate((out / "server.crt").read_bytes())
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate((out / "ca.crt").read_bytes()))
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["sl.example.org"]
+    assert sorted(p.name for p in (out / "nodes").iterdir()) == [
+        "hospital-0",
+        "hospital-0.pub",
+        "hospital-1",
+        "hospital-1.pub",
+    ]
+    # A second run would replace the CA (and orphan every certificate it signed): refused without --force.
+    before = (out / "ca.crt").read_bytes()
+    code, _, err = _run(capsys, "credentials", str(out))
+    assert code == 2 and "--force" in err and (out / "ca.crt").read_bytes() == before
+    assert _run(capsys, "credentials", str(out), "--force")[0] == 0 and (out / "ca.crt").read_bytes() != before

@@ -28,10 +28,11 @@ DEFAULT_RUN_CONFIG: dict[str, bool | int | float | str] = {
     "out-dir": "",  # where the ServerApp writes global_model.pt and history.json/.csv
     "node-wait-s": 120.0,  # how long the ServerApp waits for num-sites SuperNodes
     "round-timeout-s": 3600.0,  # replies not back by then count as failed sites
+    "stop-after": 0,  # stop after this round (a later run resumes from the checkpoint); 0: run every round
 }
 
 #: The keys that describe the deployment rather than the experiment (not part of the result).
-FLOWER_KEYS = ("num-sites", "state-dir", "out-dir", "node-wait-s", "round-timeout-s")
+FLOWER_KEYS = ("num-sites", "state-dir", "out-dir", "node-wait-s", "round-timeout-s", "stop-after")
 
 
 def _parse_experiment(text: str) -> ExperimentConfig:
@@ -79,6 +80,8 @@ def resolve_config(run_config: Mapping | None = None) -> dict:
     for key in ("node-wait-s", "round-timeout-s"):
         if not cfg[key] > 0:
             raise ValueError(f"run config {key!r} must be > 0, got {cfg[key]}")
+    if cfg["stop-after"] < 0:
+        raise ValueError(f"run config 'stop-after' must be >= 0 (0: every round), got {cfg['stop-after']}")
     return cfg
 
 

@@ -10,6 +10,7 @@ exactly as in process; only how each run is trained differs (:func:`train_over_f
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def train_over_flower(
     progress: bool = True,
     env: dict[str, str] | None = None,
     timeout: float | None = None,
+    insecure: bool = False,
 ) -> Path:
     """Trains one run over Flower on this machine: a SuperLink and one SuperNode per site on 127.0.0.1.
 
@@ -39,8 +41,10 @@ def train_over_flower(
     ServerApp and every ClientApp build the run's Strategy and Sites with the same builders as the
     in-process Simulation (``data`` is not used: each SuperNode builds its own site's data). The
     ServerApp writes ``run_dir/run.label``/history.json/.csv and global_model.pt; Flower's app
-    folder, logs and the sites' state files go to its ``flower/`` sub-folder. A Flower run is not
-    resumed; the sites' state files (privacy spent) persist across reruns. Returns the
+    folder, credentials, logs and the sites' state files go to its ``flower/`` sub-folder. The
+    federation uses TLS and registered SuperNodes unless ``insecure``. The ServerApp checkpoints
+    every round to ``run_dir/run.label/checkpoints`` (the in-process layout): a rerun resumes
+    there, and the sites' state files (privacy spent) persist across reruns. Returns the
     global_model.pt path.
     """
     out = (run_dir / run.label).resolve()
@@ -51,12 +55,16 @@ def train_over_flower(
             f"[{run.label}] Flower: {run_config['num-sites']} SuperNodes on 127.0.0.1, logs in {work / 'logs'}",
             file=sys.stderr,
         )
-    result = launch_local(run_config=run_config, work_dir=work, env=env, timeout=timeout)
+    result = launch_local(run_config=run_config, work_dir=work, env=env, timeout=timeout, insecure=insecure)
     if progress:
         print(f"[{run.label}] Flower run {result.run_id} {result.status} in {result.wall_s:.0f} s", file=sys.stderr)
     return out / "global_model.pt"
 
 
-def run_experiment(config: ExperimentConfig, **kwargs) -> Path:
-    """:func:`fastdp.experiment.runner.run_experiment` with every run trained over Flower (kwargs go there)."""
-    return run_experiment_with(config, train=train_over_flower, **kwargs)
+def run_experiment(config: ExperimentConfig, *, insecure: bool = False, **kwargs) -> Path:
+    """:func:`fastdp.experiment.runner.run_experiment` with every run trained over Flower (kwargs go there).
+
+    insecure: plain-text Flower connections without SuperNode authentication (warns).
+    """
+    train = functools.partial(train_over_flower, insecure=insecure) if insecure else train_over_flower
+    return run_experiment_with(config, train=train, **kwargs)

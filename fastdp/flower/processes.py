@@ -14,9 +14,11 @@ from pathlib import Path
 
 __all__ = [
     "FlowerRunError",
+    "descendants",
     "flwr_cli",
     "free_ports",
     "json_out",
+    "kill_tree",
     "log_tail",
     "raise_exit",
     "stop_processes",
@@ -79,7 +81,7 @@ def log_tail(path: Path, lines: int = 30) -> str:
     return f"--- {path.name} ---\n" + "\n".join(text[-lines:])
 
 
-def _descendants(roots: list[int]) -> dict[int, str]:
+def descendants(roots: list[int]) -> dict[int, str]:
     """{pid: cmdline} of every live descendant of `roots` (Linux /proc; {} elsewhere)."""
     parent, cmd = {}, {}
     for d in Path("/proc").glob("[0-9]*"):
@@ -112,7 +114,7 @@ def stop_processes(procs: list[subprocess.Popen], grace: float = 15.0) -> None:
     SIGTERM first (a SuperLink / SuperNode then stops its own SuperExec and app processes,
     which Flower starts in sessions of their own), SIGKILL whatever is left after `grace` s.
     """
-    children = _descendants([p.pid for p in procs])
+    children = descendants([p.pid for p in procs])
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
@@ -130,6 +132,17 @@ def stop_processes(procs: list[subprocess.Popen], grace: float = 15.0) -> None:
         _signal_if_same(pid, cmdline, signal.SIGKILL)
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILLs process ``pid`` and every live descendant at once (children first seen, then the root)."""
+    tree = descendants([pid])
+    try:
+        tree[pid] = Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        pass
+    for p, cmdline in tree.items():
+        _signal_if_same(p, cmdline, signal.SIGKILL)
+
+
 def _descendants_alive(pids: dict[int, str]) -> dict[int, str]:
     return {pid: c for pid, c in pids.items() if Path(f"/proc/{pid}").exists()}
 
@@ -143,12 +156,19 @@ def flwr_cli(args: list[str], env: dict, timeout: float = 60.0) -> str:
 
 
 def json_out(text: str) -> dict:
-    """The JSON object in a flwr command's output."""
+    """The JSON object in a flwr command's output; FlowerRunError when it says ``"success": false``.
+
+    flwr commands exit 0 on many failures (a SuperLink it cannot reach, a refused request) and
+    report them only in this object.
+    """
     # flwr may print log lines before the JSON object.
     start = text.find("{")
     if start < 0:
         raise FlowerRunError(f"no JSON in flwr output:\n{text}")
-    return json.loads(text[start:])
+    out = json.loads(text[start:])
+    if out.get("success") is False:
+        raise FlowerRunError(f"flwr failed: {out.get('error-message', out)}")
+    return out
 
 
 def raise_exit(signum, frame):

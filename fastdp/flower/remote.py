@@ -103,21 +103,103 @@ class FlowerSimulation(Simulation):
     Only the two hooks that talk to sites are replaced (train_sites, evaluate_sites: all sites are
     asked at once, replies are used in selection order so aggregation sums in the same order as
     in-process); selection, budgets, book-keeping, screening, aggregation, test evaluation and the
-    history are Simulation's.
+    history are Simulation's. A site whose node is offline, or goes away while asked, is a failed
+    site for that round (recorded in the history); the others go on, and it is asked again in the
+    next round.
+
+    Args:
+        timeout: seconds to wait for replies (a site not back by then has failed this round).
+        poll_s: seconds between pulls of replies; node_check_s: between checks of the nodes' liveness.
     """
 
-    def __init__(self, sites: list[RemoteSite], strategy: Strategy, model_fn, *, grid: Grid, timeout: float, **kw):
+    def __init__(
+        self,
+        sites: list[RemoteSite],
+        strategy: Strategy,
+        model_fn,
+        *,
+        grid: Grid,
+        timeout: float,
+        poll_s: float = 1.0,
+        node_check_s: float = 5.0,
+        **kw,
+    ):
         super().__init__(sites, strategy, model_fn, **kw)
         self.grid, self.timeout = grid, float(timeout)
+        self.poll_s, self.node_check_s = float(poll_s), float(node_check_s)
+
+    def _online_nodes(self) -> dict[int, str]:
+        """{node id: when the SuperLink last activated it} for the nodes online now."""
+        get_nodes = getattr(self.grid, "get_nodes", None)
+        if get_nodes is None:  # a Grid without node details: ids only
+            return {int(n): "" for n in self.grid.get_node_ids()}
+        return {int(n.node_id): str(n.last_activated_at) for n in get_nodes()}
 
     def _ask(self, sids: list[str], message_type: str, content: Callable[[], RecordDict], round: int) -> dict:
-        """Sends one message per site and waits; {site_id: reply Message or None when none came back}."""
-        msgs = {
-            sid: self.grid.create_message(content(), message_type, self.sites[sid].node_id, str(round)) for sid in sids
-        }
-        replies = list(self.grid.send_and_receive(list(msgs.values()), timeout=self.timeout)) if msgs else []
-        by_node = {r.metadata.src_node_id: r for r in replies}
-        return {sid: by_node.get(self.sites[sid].node_id) for sid in sids}
+        """Sends one message per site and waits; {site_id: reply Message, or why none came (str)}.
+
+        Replies are matched to messages by id. A site whose node is offline is not sent anything;
+        a site whose node goes offline or restarts while its message is out (its SuperNode was
+        killed: the message died with it) is failed at once instead of waiting for the timeout.
+        """
+        self.refresh_nodes()
+        online = self._online_nodes()
+        out: dict = {sid: "its node is offline" for sid in sids}
+        send = [sid for sid in sids if self.sites[sid].node_id in online]
+        msgs = [
+            self.grid.create_message(content(), message_type, self.sites[sid].node_id, str(round), self.timeout)
+            for sid in send
+        ]
+        ids = list(self.grid.push_messages(msgs)) if msgs else []
+        waiting = {mid: sid for sid, mid in zip(send, ids, strict=True) if mid}
+        for sid in set(send) - set(waiting.values()):
+            out[sid] = "the message could not be sent"
+        deadline = time.monotonic() + self.timeout
+        next_check = time.monotonic() + self.node_check_s
+        while waiting:
+            for reply in self.grid.pull_messages(list(waiting)):
+                sid = waiting.pop(reply.metadata.reply_to_message_id, None)
+                if sid is not None:
+                    out[sid] = reply
+            if not waiting:
+                break
+            now = time.monotonic()
+            if now > deadline:
+                for sid in waiting.values():
+                    out[sid] = f"no reply within {self.timeout:g} s"
+                break
+            if now >= next_check:
+                current = self._online_nodes()
+                for mid, sid in list(waiting.items()):
+                    node = self.sites[sid].node_id
+                    if current.get(node) != online[node]:
+                        why = "went offline" if node not in current else "restarted"
+                        out[sid] = f"its node {why} while the message was out"
+                        del waiting[mid]
+                next_check = now + self.node_check_s
+            time.sleep(self.poll_s)
+        return out
+
+    def refresh_nodes(self) -> None:
+        """Maps sites to nodes that joined since the last message (a restarted SuperNode without a registered key).
+
+        With SuperNode authentication a restarted node keeps its registered node id and nothing
+        changes; without it, it comes back under a new id and tells which site it is when asked.
+        """
+        known = {s.node_id for s in self.sites.values()}
+        new = [n for n in self.grid.get_node_ids() if n not in known]
+        if not new:
+            return
+        by_partition = {s.partition_id: s for s in self.sites.values()}
+        msgs = [self.grid.create_message(RecordDict(), "query", n, "connect", self.timeout) for n in new]
+        for reply in self.grid.send_and_receive(msgs, timeout=min(self.timeout, 120.0)):
+            if reply.has_error():
+                continue
+            info = reply.content["site"]
+            site = by_partition.get(int(info["partition-id"]))
+            if site is not None and site.site_id == str(info["site-id"]):
+                log.info("site %s is now node %d (was %d)", site.site_id, reply.metadata.src_node_id, site.node_id)
+                site.node_id = int(reply.metadata.src_node_id)
 
     def _global_content(self, extra: dict | None = None) -> Callable[[], RecordDict]:
         def make() -> RecordDict:
@@ -135,8 +217,8 @@ class FlowerSimulation(Simulation):
         return {sid: self._train_result(sid, replies[sid], dt) for sid in site_ids}
 
     def _train_result(self, sid: str, reply, seconds: float) -> TrainResult:
-        if reply is None:
-            return TrainResult(error=f"no reply within {self.timeout:g} s")
+        if isinstance(reply, str):
+            return TrainResult(error=reply)
         if reply.has_error():
             return TrainResult(error=f"Flower error {reply.error.code}: {reply.error.reason}")
         if "error" in reply.content:
@@ -156,5 +238,6 @@ class FlowerSimulation(Simulation):
         out = {}
         for sid in site_ids:
             reply = replies.get(sid)
-            out[sid] = {} if reply is None or reply.has_error() else dict(reply.content["metrics"])
+            ok = reply is not None and not isinstance(reply, str) and not reply.has_error()
+            out[sid] = dict(reply.content["metrics"]) if ok else {}
         return out

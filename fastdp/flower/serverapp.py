@@ -3,6 +3,9 @@
 It builds the run's Strategy, model and test set from the run config's experiment with
 :mod:`fastdp.experiment.builders` (as the in-process Simulation does) and writes
 ``global_model.pt`` and ``history.json`` / ``history.csv`` to the run config's ``out-dir``.
+After every round it writes an atomic checkpoint (global model, the server's accountant and
+selection RNG, the round, the history) to ``out-dir/checkpoints`` in the simulator's format;
+a new Flower run of the same experiment and out-dir continues from it.
 
 Flower loads this module's ``app`` (a module-level assignment, which Flower's app check requires).
 """
@@ -73,7 +76,9 @@ def _main(grid: Grid, context: Context) -> None:
         grid=grid,
         timeout=float(cfg["round-timeout-s"]),
         out_dir=out,
+        # the in-process runner's layout and format: a rerun continues after the last finished round
+        checkpoint_dir=out / "checkpoints",
         **simulation_options(experiment, run, data, device),
     )
-    sim.run(resume=False)
+    sim.run(resume=True, stop_after=int(cfg["stop-after"]) or None)
     atomic_torch_save({k: v.detach().cpu() for k, v in sim.global_state.items()}, out / "global_model.pt")

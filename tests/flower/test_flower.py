@@ -13,6 +13,8 @@ another order.
 
 import json
 import math
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -29,6 +31,8 @@ from fastdp.experiment.data import build_data  # noqa: E402
 from fastdp.federated.simulation import initial_global_state  # noqa: E402
 from fastdp.federated.site import SiteUpdate  # noqa: E402
 from fastdp.federated.state_files import load_state  # noqa: E402
+from fastdp.flower.credentials import make_node_key  # noqa: E402
+from fastdp.flower.processes import flwr_cli, free_ports, json_out  # noqa: E402
 
 # The tiny sizes of tests/federated: 64x64 phantom slices, a 4-channel depth-2 U-Net, 2 rounds of 2 steps.
 # dp.reproducible_noise: the bit-exact comparison needs both backends to draw the same noise (test-only;
@@ -81,11 +85,16 @@ def _assert_same(global_state: dict, history: dict, sim) -> float:
 def test_flower_fedavg_matches_simulation(tmp_path):
     run_config = flower.run_config_for(EXPERIMENT, "nonprivate")
     run = flower.launch_local(3, run_config, work_dir=tmp_path / "flower", env=CHILD_ENV, timeout=900)
-    assert run.status == "finished:completed"
+    assert run.status == "finished:completed" and run.secure and not run.node_exits
     sim = _simulation(EXPERIMENT, "nonprivate")
     _assert_same(run.global_state, run.history, sim)
     assert all(s["epsilon"] is None for s in run.history["rounds"][-1]["sites"].values())
     assert run.history["rounds"][-1]["test"]["dice"] is not None
+    # The default federation is TLS with registered SuperNodes: the SuperLink was told so.
+    link_cmd = (run.work_dir / "logs" / "superlink.log").read_text().splitlines()[0]
+    assert "--ssl-certfile" in link_cmd and "--enable-supernode-auth" in link_cmd and "--insecure" not in link_cmd
+    node_cmd = (run.work_dir / "logs" / "supernode-0.log").read_text().splitlines()[0]
+    assert "--root-certificates" in node_cmd and "--auth-supernode-private-key" in node_cmd
 
 
 @pytest.mark.slow
@@ -96,56 +105,151 @@ def test_flower_backend_of_the_runner_dp_sgd_matches_simulation(tmp_path, monkey
     for k, v in CHILD_ENV.items():
         monkeypatch.setenv(k, v)  # inherited by every Flower process the runner starts
     # Adam: its moments must survive between the ClientApp processes of round 1 and round 2.
-    # DP-FedAvg with 2 of 3 sites per round on average: Poisson site selection, server clipping,
-    # server noise and the server's accountant also run through Flower (on top of DP-SGD at the sites).
     cfg = EXPERIMENT.replace(
         modes=["dp"],
         out_dir=str(tmp_path / "run"),
-        **{
-            "federated.optimizer": "adam",
-            "federated.lr": 0.01,
-            "federated.backend": "flower",
-            "federated.strategy": "dp-fedavg",
-            "federated.sites_per_round": 2,
-            "federated.server_clip_norm": 0.05,
-        },
+        **{"federated.optimizer": "adam", "federated.lr": 0.01, "federated.backend": "flower"},
     )
     run_dir = run_experiment(cfg, progress=False, report=True)
     assert (run_dir / "report.md").exists() and (run_dir / "dp" / "history.csv").exists()
+    assert (run_dir / "dp" / "checkpoints" / "checkpoint.pt").exists()  # the in-process layout
     global_state = torch.load(run_dir / "dp" / "global_model.pt", weights_only=True)
     history = json.loads((run_dir / "dp" / "history.json").read_text())
     # The in-process run of the same config differs only in the backend it names.
     sim = _simulation(cfg.replace(**{"federated.backend": "simulation"}), "dp")
     sim.history.config["federated"]["backend"] = "flower"
     _assert_same(global_state, history, sim)
-    assert history["mode"] == "dp-fedavg"
-    server_eps = [r["server_epsilon"] for r in history["rounds"]]
-    assert server_eps == [r["server_epsilon"] for r in sim.history.to_dict()["rounds"]]
-    assert 0 < server_eps[0] < server_eps[1]
     last = history["rounds"][-1]["sites"]
-    assert all(0 < s["epsilon"] < math.inf for s in last.values() if s["steps"])
-    # Every site that trained kept its own state file; its accountant counts the steps of the rounds it took part in.
-    rounds_in = {sid: sum(r["sites"][sid]["participated"] for r in history["rounds"]) for sid in last}
+    assert all(0 < s["epsilon"] < math.inf for s in last.values())
+    # Every site kept its own state file; its accountant counts the steps of both rounds.
     state_dir = run_dir / "dp" / "flower" / "state" / cfg.name / "dp"
+    assert _steps_on_record(state_dir) == {sid: 2 * cfg.federated.local_steps for sid in last}
 
-    def steps_on_record() -> dict:
-        # A DP site writes its state on its first message (its secret noise seed), so all three have one.
-        files = sorted(state_dir.glob("*.pt"))
-        assert [f.stem for f in files] == sorted(last)
-        return {f.stem: sum(n for _, _, n in load_state(f)["engine"]["accountant"]["history"]) for f in files}
 
-    first = steps_on_record()
-    assert first == {sid: n * cfg.federated.local_steps for sid, n in rounds_in.items()}
-    # A rerun of the same experiment (after a crash, say) is a new Flower run id; the sites' updates of
-    # the first run reached the server, so their accountants go on from there instead of from 0.
-    run_experiment(cfg, progress=False, report=False)
-    assert steps_on_record() == {sid: 2 * n for sid, n in first.items()}
-    rerun = json.loads((run_dir / "dp" / "history.json").read_text())
-    for sid, n in rounds_in.items():
-        if n:
-            first_eps = [r["sites"][sid]["epsilon"] for r in history["rounds"] if r["sites"][sid]["participated"]]
-            again = [r["sites"][sid]["epsilon"] for r in rerun["rounds"] if r["sites"][sid]["participated"]]
-            assert again[0] > first_eps[-1]
+def _steps_on_record(state_dir) -> dict:
+    """{site: DP-SGD steps its own accountant has recorded} from the sites' state files."""
+    return {
+        f.stem: sum(n for _, _, n in load_state(f)["engine"]["accountant"]["history"])
+        for f in sorted(state_dir.glob("*.pt"))
+    }
+
+
+# DP-FedAvg with 2 of 3 sites per round on average: Poisson site selection, server clipping, server
+# noise and the server's accountant run through Flower too (on top of DP-SGD at the sites).
+DP_FEDAVG = EXPERIMENT.replace(
+    modes=["dp"],
+    **{"federated.strategy": "dp-fedavg", "federated.sites_per_round": 2, "federated.server_clip_norm": 0.05},
+)
+
+
+@pytest.mark.slow
+def test_flower_run_resumes_from_its_checkpoint(tmp_path):
+    """A run stopped after round 1 and run again continues from the checkpoint, and equals an uninterrupted run."""
+    run_config = flower.run_config_for(DP_FEDAVG, "dp", stop_after=1)
+    first = flower.launch_local(3, run_config, work_dir=tmp_path / "flower", env=CHILD_ENV, timeout=900)
+    assert [r["round"] for r in first.history["rounds"]] == [1]
+    ckpt = load_state(first.out_dir / "checkpoints" / "checkpoint.pt")
+    assert ckpt["round"] == 1 and ckpt["strategy"]["accountant"]["history"]  # the server's accountant is in it
+    # A new federation (new processes, a new Flower run id), the same out-dir and state-dir.
+    again = flower.launch_local(3, {**run_config, "stop-after": 0}, work_dir=tmp_path / "flower", env=CHILD_ENV)
+    assert again.run_id != first.run_id
+    assert [r["round"] for r in again.history["rounds"]] == [1, 2]
+    assert again.history["rounds"][0] == first.history["rounds"][0]  # round 1 comes from the checkpoint
+    sim = _simulation(DP_FEDAVG, "dp")
+    _assert_same(again.global_state, again.history, sim)
+    server_eps = [r["server_epsilon"] for r in again.history["rounds"]]
+    assert server_eps == [r["server_epsilon"] for r in sim.history.to_dict()["rounds"]] and 0 < server_eps[0]
+    rounds_in = {sid: sum(r["sites"][sid]["participated"] for r in again.history["rounds"]) for sid in sim.sites}
+    state_dir = Path(run_config["state-dir"] or tmp_path / "flower" / "state") / DP_FEDAVG.name / "dp"
+    assert _steps_on_record(state_dir) == {sid: n * DP_FEDAVG.federated.local_steps for sid, n in rounds_in.items()}
+
+
+def _wait_for_rounds(path, n: int, timeout: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if len(json.loads(path.read_text())["rounds"]) >= n:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{path} did not reach {n} rounds in {timeout} s")
+
+
+@pytest.mark.slow
+def test_a_killed_site_misses_rounds_and_rejoins_and_strangers_are_refused(tmp_path):
+    """Kill one SuperNode (and everything it started) after round 1: the round goes on without it, it rejoins.
+
+    Meanwhile a SuperNode with an unregistered key and a plain-text SuperNode try to join as site 1:
+    the SuperLink refuses both, and a plain-text flwr client cannot talk to it either.
+    """
+    cfg = EXPERIMENT.replace(modes=["dp"], **{"federated.rounds": 4})
+    run_config = flower.run_config_for(cfg, "dp", round_timeout_s=300)
+    seen: dict = {}
+
+    def adversity(fed, run_id):
+        try:
+            stranger = make_node_key(tmp_path / "stranger", "stranger")
+            port_a, port_b = free_ports(2)
+            # a few retries, then they give up (exit) instead of retrying until the test stops them
+            give_up = ["--max-retries", "3"]
+            cmd_a, cmd_b = (
+                fed.node_command(1, key=stranger, port=port_a),
+                fed.node_command(1, insecure=True, port=port_b),
+            )
+            seen["unregistered"] = fed.start_process("unregistered", cmd_a + give_up)
+            seen["plain"] = fed.start_process("plain", cmd_b + give_up)
+            plain_home = tmp_path / "plain-home"
+            plain_home.mkdir()
+            (plain_home / "config.toml").write_text(
+                f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{fed.address}"\ninsecure = true\n'
+            )
+            try:  # flwr exits 0 here; json_out reads its "success": false
+                json_out(flwr_cli(["ls", "local", "--format", "json"], {**fed.env, "FLWR_HOME": str(plain_home)}))
+                seen["plain_flwr"] = "answered"
+            except flower.FlowerRunError as e:
+                seen["plain_flwr"] = str(e)
+            _wait_for_rounds(Path(run_config["out-dir"] or tmp_path / "flower" / "out") / "history.json", 1)
+            seen["pids"] = fed.node_pids(1)
+            fed.kill_node(1)
+            seen["nodes"] = json_nodes(fed)
+        except Exception as e:  # reported by the test below
+            seen["error"] = repr(e)
+
+    def json_nodes(fed):
+        return json.loads(fed.flwr(["supernode", "ls", "local", "--format", "json"]))["nodes"]
+
+    run = flower.launch_local(
+        3, run_config, work_dir=tmp_path / "flower", env=CHILD_ENV, timeout=1200, on_start=adversity
+    )
+    assert "error" not in seen, seen["error"]
+    assert run.status == "finished:completed"
+    # The strangers never joined: they exited (refused), and only the 3 registered nodes were ever listed.
+    assert seen["unregistered"].poll() not in (None, 0) and seen["plain"].poll() not in (None, 0)
+    assert len(seen["nodes"]) == 3
+    assert "unavailable" in seen["plain_flwr"], seen["plain_flwr"]
+    assert "Failed to activate" in (run.work_dir / "logs" / "unregistered.log").read_text()
+    for stranger in ("unregistered", "plain"):
+        assert "SuperNode ID" not in (run.work_dir / "logs" / f"{stranger}.log").read_text()
+    # The killed node was noticed and restarted; every process of its tree was gone.
+    assert [e.node for e in run.node_exits][:1] == [1] and len(seen["pids"]) >= 2
+    rounds = run.history["rounds"]
+    site = cfg.data.sites[1]
+    missed = [r["round"] for r in rounds if not r["sites"][site]["participated"]]
+    assert missed and missed[0] >= 2, missed
+    for r in rounds:
+        others = [s for s in cfg.data.sites if s != site]
+        assert all(r["sites"][s]["participated"] for s in others), r  # the others go on
+        if r["round"] in missed:
+            assert [f["site"] for f in r["failed"]] == [site]
+    assert rounds[-1]["sites"][site]["participated"], "the restarted site rejoined"
+    # Its privacy state survived: its accountant counts at least the rounds it delivered (a round it
+    # was killed in may have spent privacy too, never less).
+    state_dir = tmp_path / "flower" / "state" / cfg.name / "dp"
+    delivered = sum(r["sites"][site]["participated"] for r in rounds)
+    assert _steps_on_record(state_dir)[site] >= delivered * cfg.federated.local_steps
+    eps = [r["sites"][site]["epsilon"] for r in rounds if r["sites"][site]["participated"]]
+    assert eps == sorted(eps) and eps[0] < eps[-1]
 
 
 # --- the pieces, without processes ------------------------------------------------------------
