@@ -67,13 +67,13 @@ class PerSampleDiceCE(nn.Module):
     def per_sample(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """[B] loss of each sample (reduced over its own pixels and classes only)."""
         t = _target_bchw(target).long()
-        b = logits.shape[0]
-        loss = logits.new_zeros(b)
+        loss = logits.new_zeros(logits.shape[0])
+        # flatten(1), not reshape(B, -1): an empty Poisson batch (B = 0) is a noise-only DP step
         if self.dice_weight:
-            loss = loss + self.dice_weight * self.dice(logits, t).reshape(b, -1).mean(1)
+            loss = loss + self.dice_weight * self.dice(logits, t).flatten(1).mean(1)
         if self.ce_weight:
             ce = F.cross_entropy(logits, t[:, 0], reduction="none")  # [B, H, W]
-            loss = loss + self.ce_weight * ce.reshape(b, -1).mean(1)
+            loss = loss + self.ce_weight * ce.flatten(1).mean(1)
         return loss
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
