@@ -16,15 +16,18 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import peak_extra_mb  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -92,28 +95,47 @@ SIGMA, CLIP = 1.0, 1.0
 
 
 class Mode:
-    """One way of taking a training step; `step(x, y)` runs forward + backward + update."""
+    """One way of taking a training step; `step(x, y)` runs forward + backward + update.
 
-    def __init__(self, name: str, base: nn.Module, batch: int, device: str) -> None:
+    By default the DP modes are made private for fixed batches of `batch` samples (sample rate
+    1/10). With `poisson=True` they are made private the way a Poisson-sampled training run is
+    (sample rate q = batch / dataset_size, so E[B] = batch, and 1/E[B] scaling): the caller then
+    feeds batches of varying size B_t (see bench_poisson.py). The Poisson loaders made here only
+    set q: batches are never drawn from them.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        base: nn.Module,
+        batch: int,
+        device: str,
+        *,
+        dataset_size: int | None = None,
+        poisson: bool = False,
+        criterion: nn.Module | None = None,
+    ) -> None:
         self.name = name
         self.model = copy.deepcopy(base).to(device)
-        self.crit = SegLoss()
-        n = 10 * batch  # dataset size for the sample rate (q = B / N)
+        self.crit = criterion if criterion is not None else SegLoss()
+        n = dataset_size or 10 * batch  # dataset size for the sample rate (q = B / N)
         ds = torch.utils.data.TensorDataset(torch.zeros(n, 1), torch.zeros(n))
         loader = torch.utils.data.DataLoader(ds, batch_size=batch)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3)
         self.expected = float(batch)
         if name == "fastdp":
             import fastdp
+            from fastdp.engine import DPDataLoader
 
             engine = fastdp.PrivacyEngine(seed=0)
             self.model, self.opt, _ = engine.make_private(
                 module=self.model,
                 optimizer=self.opt,
-                data_loader=loader,
+                # a DPDataLoader is kept as it is, so q is exactly batch / n (not 1 / len(loader))
+                data_loader=DPDataLoader(ds, sample_rate=batch / n) if poisson else loader,
                 noise_multiplier=SIGMA,
                 max_grad_norm=CLIP,
-                poisson_sampling=False,
+                poisson_sampling=poisson,
             )
         elif name.startswith("opacus"):
             from opacus import PrivacyEngine
@@ -126,13 +148,17 @@ class Mode:
                 data_loader=loader,
                 noise_multiplier=SIGMA,
                 max_grad_norm=CLIP,
-                poisson_sampling=False,
+                poisson_sampling=poisson,
                 grad_sample_mode=mode,
             )
             if mode == "ghost":
                 self.model, self.opt, self.crit, _ = engine.make_private(criterion=self.crit, **kw)
             else:
                 self.model, self.opt, _ = engine.make_private(**kw)
+            if poisson:
+                # Opacus derives E[B] as int(N / len(loader)) (15 for N=600, B=16); use the same
+                # 1/E[B] scale as fastdp so both take the same step
+                self.opt.expected_batch_size = batch
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -199,29 +225,17 @@ def time_modes(modes, batch, size, device, reps, warmup):
     return {m: statistics.median(v) for m, v in times.items()}, {m: v for m, v in times.items()}
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
 def memory_worker(mode: str, batch: int, size: int, device: str) -> float:
     """Peak extra memory (MB) of two steps of `mode`, in this (fresh) process."""
     torch.manual_seed(0)
     run = Mode(mode, UNet(), batch, device)
     x, y = _data(batch, size, device)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+
+    def two_steps() -> None:
         for _ in range(2):
             run.step(x, y)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    before = _rss_bytes()
-    for _ in range(2):
-        run.step(x, y)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return (peak - before) / 2**20
+
+    return peak_extra_mb(two_steps, device)
 
 
 def measure_memory(mode, batch, size, device) -> float | None:

@@ -1,9 +1,11 @@
-"""Helpers shared by the benchmarks: machine description, interleaved timing, Markdown tables."""
+"""Helpers shared by the benchmarks: machine description, interleaved timing, Poisson batch
+sequences, peak memory, Markdown tables."""
 
 from __future__ import annotations
 
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -71,3 +73,82 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(str(x) for x in row) + " |")
     return "\n".join(lines)
+
+
+def rotated(items: list, k: int) -> list:
+    """`items` rotated left by k: with k = the step index, each candidate takes every place in turn,
+    so none always runs first (cold caches) or right after a particular other one."""
+    k %= max(1, len(items))
+    return items[k:] + items[:k]
+
+
+def poisson_batches(dataset_size: int, expected_batch: float, steps: int, seed: int = 0) -> list[torch.Tensor]:
+    """`steps` Poisson batches of a dataset of N = dataset_size: each sample joins each batch
+    independently with probability q = expected_batch / N, so a batch's size is Binomial(N, q).
+
+    Returns one int64 index tensor [B_t] per step, drawn from a generator seeded with `seed`: the
+    same arguments give the same sequence (sizes and members) in every mode and every process.
+    """
+    q = expected_batch / dataset_size
+    if not 0 < q <= 1:
+        raise ValueError(f"need 0 < E[B] <= N, got E[B]={expected_batch}, N={dataset_size}")
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nonzero(torch.rand(dataset_size, generator=gen) < q).flatten() for _ in range(steps)]
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now, in bytes (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak RSS (VmHWM), in bytes.
+
+    Not getrusage's ru_maxrss: Linux carries the parent's peak across fork + exec into it, so in a
+    subprocess started by a big benchmark process it reports the parent's footprint.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Resets VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_extra_mb(fn: Callable[[], object], device: str) -> float:
+    """Runs fn() and returns its peak memory above the level before it, in MiB.
+
+    CUDA: max_memory_allocated over the call. CPU: peak RSS (VmHWM, reset to the current RSS just
+    before the call) minus the RSS before it. Where the reset is refused, VmHWM is the process's
+    lifetime peak: then call this once, in a fresh process, with no bigger allocation before it.
+    The result counts what the allocator keeps (freed buffers it does not return count too).
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    _reset_peak_rss()
+    before = rss_bytes()
+    fn()
+    return (_peak_rss_bytes() - before) / 2**20
+
+
+def describe_machine(info: dict) -> str:
+    """One line for a table's heading: CPU (or GPU), cores, torch threads, torch version."""
+    where = f"{info['cpu']}, {info['cpu_count']} cores, {info['torch_threads']} torch threads"
+    if info.get("gpu"):
+        where = f"{info['gpu']} (host: {where})"
+    return f"{where}; torch {info['torch']}, Python {info['python']}"

@@ -1,4 +1,4 @@
-"""The per-sample conv method is tuned once per layer shape and batch-size bucket, not per batch
+"""The per-sample conv method is tuned once per layer shape and reference batch size, not per batch
 size, by a ConvTuner that each private model owns; its method is set per private model."""
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ def test_batch_sizes_in_one_bucket_share_the_tuned_method(monkeypatch):
     timed = []
     real = tuner.time_method
     monkeypatch.setattr(tuner, "time_method", lambda *a: timed.append(a[0]) or real(*a))
-    # Poisson batch sizes 20..31 all fall in the 32 bucket: tuning runs on the first TUNE_CALLS
-    # calls only, then every size reuses the choice; each result is still the exact gradient.
-    for batch in range(20, 32):
+    # Poisson batch sizes around E[B] = 16 (10..31, across the old power-of-two edge at 16): all
+    # within a factor 2 of the first size, 16, so tuning runs on the first TUNE_CALLS calls only,
+    # then every size reuses the choice; each result is still the exact gradient.
+    for batch in [16, *range(10, 32)]:
         x = torch.randn(batch, 3, 8, 8)
         g = torch.randn(batch, 4, 8, 8)
         got = tuner.per_sample_weight(g, x, conv.weight, spec, 0, batch)
@@ -35,8 +36,12 @@ def test_batch_sizes_in_one_bucket_share_the_tuned_method(monkeypatch):
     assert len(tuner.choices) == 1
     n_candidates = len(ConvTuner.candidates(x, conv.weight, spec))
     assert len(timed) == tuner.tune_calls * n_candidates
-    assert ConvTuner.batch_bucket(20) == ConvTuner.batch_bucket(31) == 32
-    assert ConvTuner.batch_bucket(33) == 64 and ConvTuner.batch_bucket(1) == 1
+    # A size more than a factor 2 from every reference is a new reference (and tuned); the nearest wins.
+    fresh, shape = ConvTuner("auto"), ((3, 8, 8),)
+    assert fresh._key(16, *shape) == (16, *shape) and fresh._key(32, *shape) == (16, *shape)
+    assert fresh._key(33, *shape) == (33, *shape) and len(fresh._refs[shape]) == 2
+    assert fresh._key(20, *shape) == (16, *shape) and fresh._key(30, *shape) == (33, *shape)
+    assert fresh._key(7, *shape) == (7, *shape)
 
 
 def _conv_model():

@@ -106,6 +106,8 @@ def test_linear_no_bias_frozen_bias():
         (lambda: nn.PReLU(), (3, 4, 4)),
         (lambda: nn.PReLU(3), (3, 4, 4)),
         (lambda: nn.PReLU(4), (4,)),
+        (lambda: nn.PReLU(), (5,)),
+        (lambda: nn.PReLU(2), (2, 3, 3, 3)),
     ],
 )
 def test_norms_and_activations(make, shape):

@@ -23,17 +23,19 @@ class _PReLUFn(torch.autograd.Function):
         x, w = ctx.saved_tensors
         n = w.numel()
         wb = w.view((1, -1) + (1,) * (x.dim() - 2)) if (n > 1 and x.dim() >= 2) else w.reshape(())
-        gx = torch.where(x > 0, g, g * wb) if ctx.needs_input_grad[0] else None
-        B = x.shape[0]
-        if trainable(w):
-            scale = ctx.call.tape.loss_scale(B)
-            prod = g * x.clamp(max=0)
-            if n == 1:
-                gw = prod.flatten(1).sum(1, keepdim=True) if prod.dim() > 1 else prod.unsqueeze(1)
-            else:
-                gw = prod.flatten(2).sum(2) if prod.dim() > 2 else prod
-            ctx.call.tape.record(ctx.call.batch, Stored([w], [gw * scale]))
-        return gx, None, None
+        if not trainable(w):
+            return (torch.where(x > 0, g, g * wb) if ctx.needs_input_grad[0] else None), None, None
+        # One fused pass (aten's PReLU backward kernel) gives the input gradient and the slope
+        # gradient per element, g * min(x, 0); the per-sample slope gradients are its sums over
+        # the sample's own positions. Separate where / clamp / mul / sum passes over the
+        # activations cost ~9% of a DP step of unet_small at 64x64 (measured on the 2-core CPU).
+        gx, elem = torch.ops.aten._prelu_kernel_backward(g, x, wb)
+        if n == 1:
+            gw = elem.flatten(1).sum(1, keepdim=True) if elem.dim() > 1 else elem.unsqueeze(1)
+        else:
+            gw = elem.flatten(2).sum(2) if elem.dim() > 2 else elem
+        ctx.call.tape.record(ctx.call.batch, Stored([w], [gw.mul_(ctx.call.tape.loss_scale(x.shape[0]))]))
+        return (gx if ctx.needs_input_grad[0] else None), None, None
 
 
 @register_rule(nn.PReLU)

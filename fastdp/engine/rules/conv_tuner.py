@@ -89,7 +89,7 @@ class ConvTuner:
     """Chooses, per layer shape, how one private model computes per-sample conv weight gradients.
 
     method: "auto" (time the candidates on the first `tune_calls` calls of each layer shape and
-    batch-size bucket, keep the fastest) or a fixed "loop", "grouped" or "unfold" ("unfold" only
+    reference batch size, keep the fastest per sample; sizes within a factor 2 of a reference share it) or a fixed "loop", "grouped" or "unfold" ("unfold" only
     for 2-d, non-transposed convolutions). `choices` holds the kept "auto" choices.
     """
 
@@ -101,6 +101,7 @@ class ConvTuner:
         self.choices: dict[tuple, str] = {}
         self._trials: dict[tuple, dict[str, float]] = {}  # best seconds per method, while tuning
         self._calls: dict[tuple, int] = {}  # timed calls so far, while tuning
+        self._refs: dict[tuple, list[int]] = {}  # reference batch sizes per layer shape
 
     def per_sample_weight(self, g, x, w, s: ConvSpec, lo: int, hi: int) -> torch.Tensor:
         """[hi-lo, *w.shape] per-sample weight gradients of samples lo..hi-1.
@@ -112,8 +113,8 @@ class ConvTuner:
             return _PS_METHODS[self.method](g, x, w, s)
         if x.shape[0] <= 1:
             return _ps_loop(g, x, w, s)
-        key = (
-            self.batch_bucket(x.shape[0]),
+        key = self._key(
+            x.shape[0],
             tuple(x.shape[1:]),
             tuple(w.shape),
             tuple(s.stride),
@@ -131,7 +132,8 @@ class ConvTuner:
         result = None
         for name in self.candidates(x, w, s):
             out, dt = self.time_method(name, g, x, w, s)
-            trials[name] = min(trials.get(name, float("inf")), dt)
+            # per sample: the calls of one trial may have different batch sizes (within a factor 2)
+            trials[name] = min(trials.get(name, float("inf")), dt / x.shape[0])
             result = out if result is None else result
         self._calls[key] = self._calls.get(key, 0) + 1
         if self._calls[key] >= self.tune_calls:
@@ -150,12 +152,27 @@ class ConvTuner:
                 cands.append("unfold")
         return cands
 
-    @staticmethod
-    def batch_bucket(batch: int) -> int:
-        """Batch sizes share a tuning result up to the next power of two: Poisson sampling gives a
-        different batch size nearly every step, and timing every candidate for each new size made
-        a 64x64 U-Net's DP step 1.5x non-private instead of 1.1x (measured on the 2-core CPU)."""
-        return 1 << max(0, int(batch) - 1).bit_length()
+    #: Batch sizes within this factor of a tuned (or tuning) batch size share its result.
+    BATCH_FACTOR = 2.0
+
+    def _key(self, batch: int, *shape) -> tuple:
+        """The tuning key of a call: the layer shape and the reference batch size it shares a result with.
+
+        Poisson sampling gives a different batch size nearly every step; timing every candidate
+        for each new size made a 64x64 U-Net's DP step 1.5x non-private instead of 1.1x. Fixed
+        power-of-two buckets put their edges on common expected batch sizes (E[B] = 16 or 32
+        sends about half the steps to each side, and both get tuned), so the reference sizes
+        are the sizes met first: a size within BATCH_FACTOR of one reuses it (the nearest, in
+        ratio), any other size becomes a new reference.
+        """
+        refs = self._refs.setdefault(shape, [])
+        near = [r for r in refs if max(r, batch) <= self.BATCH_FACTOR * min(r, batch)]
+        if near:
+            ref = min(near, key=lambda r: max(r, batch) / min(r, batch))
+        else:
+            ref = int(batch)
+            refs.append(ref)
+        return (ref, *shape)
 
     def time_method(self, name: str, g, x, w, s: ConvSpec) -> tuple[torch.Tensor, float]:
         """(per-sample weight gradients by method `name`, seconds it took)."""
