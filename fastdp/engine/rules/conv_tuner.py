@@ -89,8 +89,9 @@ class ConvTuner:
     """Chooses, per layer shape, how one private model computes per-sample conv weight gradients.
 
     method: "auto" (time the candidates on the first `tune_calls` calls of each layer shape and
-    reference batch size, keep the fastest per sample; sizes within a factor 2 of a reference share it) or a fixed "loop", "grouped" or "unfold" ("unfold" only
-    for 2-d, non-transposed convolutions). `choices` holds the kept "auto" choices.
+    reference batch size, keep the fastest per sample; sizes within a factor 2 of a reference
+    share it) or a fixed "loop", "grouped" or "unfold" ("unfold" only for 2-d, non-transposed
+    convolutions). `choices` holds the kept "auto" choices.
     """
 
     def __init__(self, method: str = "auto", tune_calls: int = TUNE_CALLS) -> None:
