@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 import warnings
@@ -51,6 +50,7 @@ from common import (  # noqa: E402
     peak_extra_mb,
     poisson_batches,
     rotated,
+    run_memory_worker,
     synchronize,
 )
 
@@ -204,12 +204,7 @@ def measure_memory(case: Case, mode: str, device: str, threads: int) -> float | 
     other modes is counted or reused; None if it failed."""
     cmd = [sys.executable, __file__, "--_mem", f"{case.encode()},{mode}", "--seed", str(case.seed)]
     cmd += ["--device", device, "--threads", str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    for line in out.stdout.splitlines():
-        if line.startswith("MEM "):
-            return float(line.split()[1])
-    print(f"memory run of {mode} {case} failed: {out.stderr[-500:]}", file=sys.stderr)
-    return None
+    return run_memory_worker(cmd, f"{mode} {case}", timeout=1800)
 
 
 def summarise(case: Case, timed: dict, memory: dict[str, float | None]) -> list[dict]:

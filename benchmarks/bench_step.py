@@ -17,7 +17,6 @@ import argparse
 import copy
 import json
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peak_extra_mb  # noqa: E402
+from common import peak_extra_mb, run_memory_worker  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -240,12 +239,7 @@ def memory_worker(mode: str, batch: int, size: int, device: str) -> float:
 
 def measure_memory(mode, batch, size, device) -> float | None:
     cmd = [sys.executable, __file__, "--_mem", f"{mode},{batch},{size}", "--device", device]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    for line in out.stdout.splitlines():
-        if line.startswith("MEM "):
-            return float(line.split()[1])
-    print(f"memory run of {mode} failed: {out.stderr[-500:]}", file=sys.stderr)
-    return None
+    return run_memory_worker(cmd, mode, timeout=900)
 
 
 def main() -> None:

@@ -7,6 +7,8 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -152,3 +154,13 @@ def describe_machine(info: dict) -> str:
     if info.get("gpu"):
         where = f"{info['gpu']} (host: {where})"
     return f"{where}; torch {info['torch']}, Python {info['python']}"
+
+
+def run_memory_worker(cmd: list[str], what: str, timeout: float) -> float | None:
+    """Runs a benchmark's memory worker (a fresh interpreter that prints "MEM <MB>"); its MB, or None if it failed."""
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    for line in out.stdout.splitlines():
+        if line.startswith("MEM "):
+            return float(line.split()[1])
+    print(f"memory run of {what} failed: {out.stderr[-500:]}", file=sys.stderr)
+    return None
