@@ -1,5 +1,6 @@
 """The per-sample conv method is tuned once per layer shape and reference batch size, not per batch
-size, by a ConvTuner that each private model owns; its method is set per private model."""
+size, by the ConvTuner of each private model; its method is set per private model, and what "auto"
+learns is shared by every private model of the process (one TuningTable) unless a table is given."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from torch import nn
 
 from fastdp.engine import PrivateModule
 from fastdp.engine.rules import ConvTuner
-from fastdp.engine.rules.conv_tuner import ConvSpec
+from fastdp.engine.rules.conv_tuner import SHARED_TABLE, ConvSpec, TuningTable
 
 
 def test_batch_sizes_in_one_bucket_share_the_tuned_method(monkeypatch):
-    tuner = ConvTuner("auto")
+    tuner = ConvTuner("auto", table=TuningTable())
     conv = torch.nn.Conv2d(3, 4, 3, padding=1)
     spec = ConvSpec(stride=[1, 1], padding=[1, 1], dilation=[1, 1], transposed=False, output_padding=[0, 0], groups=1)
     timed = []
@@ -37,9 +38,9 @@ def test_batch_sizes_in_one_bucket_share_the_tuned_method(monkeypatch):
     n_candidates = len(ConvTuner.candidates(x, conv.weight, spec))
     assert len(timed) == tuner.tune_calls * n_candidates
     # A size more than a factor 2 from every reference is a new reference (and tuned); the nearest wins.
-    fresh, shape = ConvTuner("auto"), ((3, 8, 8),)
+    fresh, shape = ConvTuner("auto", table=TuningTable()), ((3, 8, 8),)
     assert fresh._key(16, *shape) == (16, *shape) and fresh._key(32, *shape) == (16, *shape)
-    assert fresh._key(33, *shape) == (33, *shape) and len(fresh._refs[shape]) == 2
+    assert fresh._key(33, *shape) == (33, *shape) and len(fresh.table.refs[shape]) == 2
     assert fresh._key(20, *shape) == (16, *shape) and fresh._key(30, *shape) == (33, *shape)
     assert fresh._key(7, *shape) == (7, *shape)
 
@@ -48,14 +49,26 @@ def _conv_model():
     return nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 2))
 
 
-def test_each_private_model_owns_its_tuner():
+def test_each_private_model_has_its_method_and_auto_models_share_what_was_tuned(monkeypatch):
+    SHARED_TABLE.clear()
     a, b = PrivateModule(_conv_model(), conv_method="auto"), PrivateModule(_conv_model(), conv_method="loop")
     assert a.conv_tuner is not b.conv_tuner
     assert (a.conv_tuner.method, b.conv_tuner.method) == ("auto", "loop")
     for model in (a, b, a, b):  # two calls of one shape: "auto" has tuned it, "loop" tunes nothing
         model(torch.randn(4, 2, 4, 4)).sum().backward()
         model.tape.clear()
-    assert len(a.conv_tuner.choices) == 1 and not b.conv_tuner.choices
+    assert len(a.conv_tuner.choices) == 1 and a.conv_tuner.table is SHARED_TABLE
+    # A second "auto" model (another site of a federation) reuses the tuned choice: nothing is timed.
+    c = PrivateModule(_conv_model(), conv_method="auto")
+    timed = []
+    monkeypatch.setattr(c.conv_tuner, "time_method", lambda *args: timed.append(args[0]))
+    c(torch.randn(5, 2, 4, 4)).sum().backward()
+    assert timed == [] and c.conv_tuner.choices is a.conv_tuner.choices
+    # An own table learns alone.
+    own = ConvTuner("auto", table=TuningTable())
+    assert not own.choices and own.table is not SHARED_TABLE
+    SHARED_TABLE.clear()
+    assert not a.conv_tuner.choices
 
 
 def test_default_method_read_from_the_environment_at_creation(monkeypatch):

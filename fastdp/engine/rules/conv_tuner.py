@@ -2,8 +2,9 @@
 
 The fastest method depends on the layer and the machine (measured on a 2-core CPU: a batch-1
 loop at high resolution, the batch folded into groups elsewhere), so by default ("auto") each
-layer shape is timed on its first calls and the fastest method kept. The methods agree only to
-float rounding, so runs compared for equality across processes fix one method.
+layer shape is timed on its first calls and the fastest method kept (in a TuningTable that every
+"auto" private model of the process shares). The methods agree only to float rounding, so runs
+compared for equality across processes fix one method.
 """
 
 from __future__ import annotations
@@ -85,24 +86,51 @@ def default_conv_method() -> str:
     return method
 
 
+class TuningTable:
+    """What "auto" tuning has learnt: the kept choice per tuning key, the trials still running,
+    and the reference batch sizes per layer shape (see ConvTuner._key).
+
+    The fastest method depends on the layer shape, batch size and machine, not on the model's
+    weights or data, so every "auto" private model of a process shares one table (SHARED_TABLE)
+    by default: in a federated simulation ten sites' models (and every round's) tune each layer
+    shape once between them instead of once each.
+    """
+
+    def __init__(self) -> None:
+        self.choices: dict[tuple, str] = {}
+        self.trials: dict[tuple, dict[str, float]] = {}  # best seconds per sample per method, while tuning
+        self.calls: dict[tuple, int] = {}  # timed calls so far, while tuning
+        self.refs: dict[tuple, list[int]] = {}  # reference batch sizes per layer shape
+
+    def clear(self) -> None:
+        """Forgets everything (the next calls of every shape are timed again)."""
+        self.__init__()
+
+
+SHARED_TABLE = TuningTable()
+
+
 class ConvTuner:
     """Chooses, per layer shape, how one private model computes per-sample conv weight gradients.
 
     method: "auto" (time the candidates on the first `tune_calls` calls of each layer shape and
     reference batch size, keep the fastest per sample; sizes within a factor 2 of a reference
     share it) or a fixed "loop", "grouped" or "unfold" ("unfold" only for 2-d, non-transposed
-    convolutions). `choices` holds the kept "auto" choices.
+    convolutions). table: where "auto" keeps what it learnt; None: the process-wide SHARED_TABLE
+    (pass TuningTable() for a tuner that learns on its own). `choices` holds the kept choices.
     """
 
-    def __init__(self, method: str = "auto", tune_calls: int = TUNE_CALLS) -> None:
+    def __init__(self, method: str = "auto", tune_calls: int = TUNE_CALLS, table: TuningTable | None = None) -> None:
         if method not in METHODS:
             raise ValueError(f"conv_method={method!r}: expected one of {list(METHODS)}")
         self.method = method
         self.tune_calls = tune_calls
-        self.choices: dict[tuple, str] = {}
-        self._trials: dict[tuple, dict[str, float]] = {}  # best seconds per method, while tuning
-        self._calls: dict[tuple, int] = {}  # timed calls so far, while tuning
-        self._refs: dict[tuple, list[int]] = {}  # reference batch sizes per layer shape
+        self.table = SHARED_TABLE if table is None else table
+
+    @property
+    def choices(self) -> dict[tuple, str]:
+        """Tuning key -> kept method ("auto"; the table's, shared unless a table was given)."""
+        return self.table.choices
 
     def per_sample_weight(self, g, x, w, s: ConvSpec, lo: int, hi: int) -> torch.Tensor:
         """[hi-lo, *w.shape] per-sample weight gradients of samples lo..hi-1.
@@ -126,20 +154,21 @@ class ConvTuner:
             x.dtype,
             x.device.type,
         )
-        choice = self.choices.get(key)
+        table = self.table
+        choice = table.choices.get(key)
         if choice is not None:
             return _PS_METHODS[choice](g, x, w, s)
-        trials = self._trials.setdefault(key, {})
+        trials = table.trials.setdefault(key, {})
         result = None
         for name in self.candidates(x, w, s):
             out, dt = self.time_method(name, g, x, w, s)
             # per sample: the calls of one trial may have different batch sizes (within a factor 2)
             trials[name] = min(trials.get(name, float("inf")), dt / x.shape[0])
             result = out if result is None else result
-        self._calls[key] = self._calls.get(key, 0) + 1
-        if self._calls[key] >= self.tune_calls:
-            self.choices[key] = min(trials, key=trials.__getitem__)
-            del self._trials[key], self._calls[key]
+        table.calls[key] = table.calls.get(key, 0) + 1
+        if table.calls[key] >= self.tune_calls:
+            table.choices[key] = min(trials, key=trials.__getitem__)
+            del table.trials[key], table.calls[key]
         return result
 
     @staticmethod
@@ -166,7 +195,7 @@ class ConvTuner:
         are the sizes met first: a size within BATCH_FACTOR of one reuses it (the nearest, in
         ratio), any other size becomes a new reference.
         """
-        refs = self._refs.setdefault(shape, [])
+        refs = self.table.refs.setdefault(shape, [])
         near = [r for r in refs if max(r, batch) <= self.BATCH_FACTOR * min(r, batch)]
         if near:
             ref = min(near, key=lambda r: max(r, batch) / min(r, batch))
