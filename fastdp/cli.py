@@ -267,7 +267,12 @@ def _add_privacy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset-size", type=int, help="training set size (with --batch-size)")
     p.add_argument("--steps", "-n", type=int, required=True, help="number of DP-SGD steps")
     p.add_argument("--delta", "-d", type=float, default=1e-5, help="target delta")
-    p.add_argument("--accountant", choices=("rdp", "pld"), default="rdp", help="privacy accountant")
+    p.add_argument(
+        "--accountant",
+        choices=("rdp", "pld", "prv", "gdp"),  # fastdp.accounting.ACCOUNTANTS (the CLI imports it lazily)
+        default="rdp",
+        help="privacy accountant (prv: numerical, PrivacyEngine's default; gdp: a CLT approximation)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 

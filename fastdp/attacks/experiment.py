@@ -75,7 +75,7 @@ def site_update(
         seed: the DP noise seed.
     Returns: name -> delta for every floating-point entry of ``model.state_dict()``.
     """
-    local = copy.deepcopy(model)
+    local = plain = copy.deepcopy(model)  # plain: the model's own keys (a private model's have "_module.")
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(local.parameters(), lr=lr)
     crit = dice_ce_criterion()
@@ -95,7 +95,7 @@ def site_update(
             opt.zero_grad(set_to_none=True)
             crit(local(x), y).backward()
             opt.step()
-    state = local.state_dict()
+    state = plain.state_dict()
     return {k: (state[k] - v).detach() for k, v in global_state.items() if v.is_floating_point()}
 
 

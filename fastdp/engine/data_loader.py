@@ -14,7 +14,7 @@ iterator before any step (a `break` at the top of the loop) is not counted.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -61,32 +61,39 @@ class PoissonBatchSampler(Sampler[list[int]]):
             yield torch.nonzero(mask, as_tuple=False).flatten().tolist()
 
 
-def _empty_like_batch(sample):
-    """A batch of 0 samples shaped like one sample (tensors [0, *shape], recursively)."""
-    if isinstance(sample, torch.Tensor):
-        return sample.new_zeros((0, *sample.shape))
-    if isinstance(sample, (int, float, bool)):
-        dtype = torch.int64 if isinstance(sample, (int, bool)) and not isinstance(sample, float) else torch.float32
-        return torch.zeros((0,), dtype=dtype)
-    if isinstance(sample, dict):
-        return {k: _empty_like_batch(v) for k, v in sample.items()}
-    if isinstance(sample, (tuple, list)):
-        return type(sample)(_empty_like_batch(v) for v in sample)
-    return sample.__class__() if hasattr(sample, "__len__") else None
+def _empty_from_collated(sample, collated):
+    """The 0-sample batch of `collated` = collate([sample]): what the collate makes of 0 samples.
+
+    Tensors keep their trailing shape and dtype (the collate already turned numpy arrays and
+    numbers into tensors, with its own dtypes); a list the collate made of non-tensor items
+    (strings, paths) is empty; dicts, tuples and lists of the sample's structure recurse.
+    """
+    if isinstance(collated, torch.Tensor):
+        return collated[:0]
+    if isinstance(collated, Mapping) and isinstance(sample, Mapping):
+        return {k: _empty_from_collated(sample[k], v) for k, v in collated.items()}
+    if isinstance(collated, (tuple, list)):
+        if isinstance(sample, (tuple, list)) and len(sample) == len(collated):
+            parts = [_empty_from_collated(s, c) for s, c in zip(sample, collated, strict=True)]
+            return type(collated)(*parts) if hasattr(collated, "_fields") else type(collated)(parts)  # namedtuple
+        return type(collated)()
+    return collated
 
 
 class _EmptyAwareCollate:
     def __init__(self, collate_fn, dataset: Dataset) -> None:
         self.collate_fn = collate_fn or default_collate
         self.dataset = dataset
-        self._empty = None
+        self._one = None  # (sample, collate([sample])): the template of an empty batch
 
     def __call__(self, batch):
         if len(batch) > 0:
             return self.collate_fn(batch)
-        if self._empty is None:
-            self._empty = _empty_like_batch(self.dataset[0])
-        return self._empty
+        if self._one is None:
+            sample = self.dataset[0]
+            self._one = (sample, self.collate_fn([sample]))
+        # A new structure each time: a loop that assigns into a dict batch must not change the next.
+        return _empty_from_collated(*self._one)
 
 
 class _CountingIterator:

@@ -6,6 +6,14 @@ and trains as before. BatchNorm is refused (it mixes samples); modules the rules
 go through the generic torch.func path, or are refused with an error naming them. A layer with a
 fast rule is refused too when the rule would not cover its trainable parameters (weight norm,
 parametrizations: the rule's `weight` is then computed from other parameters).
+
+The plan is top-down: the outermost module with trainable parameters of its own and no rule
+(nn.MultiheadAttention, an RNN, a ViT block owning a position embedding) is one generic unit with
+its whole subtree, whose submodules are then not patched (their parameters go through the unit's
+torch.func pass; MultiheadAttention uses out_proj's weight without calling out_proj).
+
+Several calls of the private model before one backward are one batch (see tape.py): row i of
+each call is privacy unit i, all calls need the same batch size.
 """
 
 from __future__ import annotations
@@ -18,8 +26,9 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from fastdp.engine.errors import PrivacyStepError, UnsupportedModuleError
+from fastdp.engine.errors import UnsupportedModuleError
 from fastdp.engine.rules import GENERIC_RULE, Call, ConvTuner, Rule, default_conv_method, rule_for, supported_names
+from fastdp.engine.rules.generic import generic_batch_size
 from fastdp.engine.tape import Tape
 
 
@@ -111,9 +120,10 @@ def _check_rule_params(name: str, module: nn.Module, rule: Rule) -> None:
     )
 
 
-def _check_module(name: str, module: nn.Module, allow_generic: bool) -> Rule | None:
+def _check_module(name: str, module: nn.Module, allow_generic: bool, in_unit: bool) -> Rule | None:
     """The rule `module` runs through: its registered rule, GENERIC_RULE, or None when it has no
-    trainable parameters of its own (left as it is). Refuses what no rule can make exact."""
+    trainable parameters of its own or lies inside a generic unit (left as it is). Refuses what no
+    rule can make exact."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         raise UnsupportedModuleError(
             f"fastdp: module '{name}' is {type(module).__name__}: BatchNorm mixes the samples of a batch, "
@@ -121,27 +131,37 @@ def _check_module(name: str, module: nn.Module, allow_generic: bool) -> Rule | N
             "model = fastdp.fix_batchnorm(model)."
         )
     _check_parametrized(name, module)
+    _check_batch_first(name, module)
     rule = rule_for(module)
     if rule is not None:
         _check_rule_params(name, module, rule)
     own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-    if not own:
+    if not own or in_unit:
         return None
     if rule is not None:
         return rule
-    children_trainable = any(p.requires_grad for c in module.children() for p in c.parameters())
-    if children_trainable or not allow_generic:
-        why = (
-            "it also has submodules with trainable parameters"
-            if children_trainable
-            else "the generic torch.func path is disabled (generic=False)"
-        )
+    if not allow_generic:
         raise UnsupportedModuleError(
             f"fastdp: module '{name}' ({type(module).__name__}) has trainable parameters the engine has no "
-            f"per-sample rule for, and {why}. Supported layers: {', '.join(supported_names())}. "
-            "Freeze its parameters (requires_grad_(False)) or restructure it."
+            "per-sample rule for, and the generic torch.func path is disabled (allow_generic=False). "
+            f"Supported layers: {', '.join(supported_names())}. Freeze its parameters (requires_grad_(False)), "
+            "register a rule (fastdp.register_rule) or allow the generic path."
         )
     return GENERIC_RULE
+
+
+def _check_batch_first(name: str, module: nn.Module) -> None:
+    """Refuses transformer layers laid out [T, B, E]: their Linear and LayerNorm layers would take the
+    sequence dim for the batch."""
+    if (
+        isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+        and not module.self_attn.batch_first
+    ):
+        raise UnsupportedModuleError(
+            f"fastdp: module '{name}' ({type(module).__name__}) has batch_first=False: its feed-forward Linear "
+            "and LayerNorm layers then get [T, B, E] inputs, and the engine takes dim 0 for the samples. Build it "
+            "with batch_first=True and pass [B, T, E] inputs."
+        )
 
 
 class PrivateModule(nn.Module):
@@ -169,7 +189,13 @@ class PrivateModule(nn.Module):
         self.tape = Tape(loss_reduction)
         self.conv_tuner = ConvTuner(default_conv_method() if conv_method is None else conv_method)
         self._in_forward = False
-        plan = [(n, m, _check_module(n or type(module).__name__, m, allow_generic)) for n, m in module.named_modules()]
+        plan, units = [], []  # units: names of generic units (their subtrees are theirs)
+        for n, m in module.named_modules():  # pre-order: a unit is seen before its submodules
+            in_unit = any(u == "" or n.startswith(u + ".") for u in units)
+            rule = _check_module(n or type(module).__name__, m, allow_generic, in_unit)
+            if rule is GENERIC_RULE:
+                units.append(n)
+            plan.append((n, m, rule))
         self._patched: list[nn.Module] = []
         for name, m, rule in plan:
             if rule is not None:
@@ -185,9 +211,14 @@ class PrivateModule(nn.Module):
         def forward(mod, *args, **kwargs):
             if getattr(mod, "_fastdp_bypass", False) or not owner._recording():
                 return orig(*args, **kwargs)
-            if not args or not isinstance(args[0], torch.Tensor):
+            if rule is GENERIC_RULE:
+                current = tape.current.batch_size if tape.current is not None else None
+                B = generic_batch_size(mod, name, args, kwargs, current)
+            elif not args or not isinstance(args[0], torch.Tensor):
                 raise ValueError(f"fastdp: module '{name}' needs a batch-first tensor as first argument")
-            call = Call(mod, name, tape, tape.note_forward(name, args[0].shape[0]), tuner)
+            else:
+                B = args[0].shape[0]
+            call = Call(mod, name, tape, tape.note_forward(name, B), tuner)
             return rule.forward(mod, call, *args, **kwargs)
 
         m._fastdp_orig_forward = orig
@@ -196,30 +227,24 @@ class PrivateModule(nn.Module):
         self._patched.append(m)
 
     def _recording(self) -> bool:
-        return self._in_forward and self.training and torch.is_grad_enabled()
+        return self._in_forward and self.training and torch.is_grad_enabled() and not self.tape.in_unit
 
     def forward(self, *args, **kwargs):
+        """The model's forward; in training with grad enabled, recorded for the DP step. A call before
+        the backward of an earlier one joins its batch (row i of each call is privacy unit i)."""
         if not (self.training and torch.is_grad_enabled()):
             return self._module(*args, **kwargs)
-        if self.tape.awaiting_backward:
-            raise PrivacyStepError(
-                "fastdp: the model was called twice before backward. DP-SGD needs exactly one forward and "
-                "one backward per optimizer step, so that each sample is clipped once: to run the model on "
-                "several inputs (e.g. a GAN discriminator on real and fake samples), concatenate them into "
-                "one batch (torch.cat([real, fake])), run one forward and split its output. Call "
-                "optimizer.zero_grad() to discard a forward whose loss you do not backpropagate, and "
-                "evaluate under torch.no_grad() / model.eval()."
-            )
-        self.tape.begin_forward()
+        continuing = self.tape.begin_forward()
         self._in_forward = True
         try:
             return self._module(*args, **kwargs)
         except BaseException:
-            # Do not leave a half-recorded forward behind.
-            if self.tape.current is not None and self.tape.current in self.tape.batches:
-                self.tape.batches.remove(self.tape.current)
-            self.tape.current = None
-            self.tape.awaiting_backward = False
+            # Do not leave a half-recorded forward behind (a continued batch keeps the earlier calls).
+            if not continuing:
+                if self.tape.current is not None and self.tape.current in self.tape.batches:
+                    self.tape.batches.remove(self.tape.current)
+                self.tape.current = None
+                self.tape.awaiting_backward = False
             raise
         finally:
             self._in_forward = False
@@ -240,7 +265,17 @@ class PrivateModule(nn.Module):
         return self.remove_hooks()
 
     def state_dict(self, *args, **kwargs):
-        return self._module.state_dict(*args, **kwargs)
+        """The model's state_dict with keys '_module.<name>', as Opacus's GradSampleModule (and
+        named_parameters()) has them; the plain model's keys: private._module.state_dict()."""
+        return super().state_dict(*args, **kwargs)
 
-    def load_state_dict(self, *args, **kwargs):
-        return self._module.load_state_dict(*args, **kwargs)
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Loads either form: '_module.'-prefixed keys (state_dict(), an Opacus GradSampleModule's)
+        or the plain model's keys (model.state_dict() before it was made private). The form is the
+        one more of the keys match (a model may itself have a submodule named `_module`)."""
+        keys = set(state_dict.keys())
+        prefixed = len(keys & set(super().state_dict(keep_vars=True)))
+        plain = len(keys & set(self._module.state_dict(keep_vars=True)))
+        if plain > prefixed or (plain == prefixed and not all(k.startswith("_module.") for k in keys)):
+            return self._module.load_state_dict(state_dict, strict=strict, assign=assign)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

@@ -10,6 +10,14 @@ Each wrapped layer's backward records one contribution for its trainable paramet
 Contributions are grouped by the forward pass (a "batch") they belong to. DP-SGD clips each
 sample once per step, so the optimizer refuses a step with more than one recorded batch (two
 forward/backward passes before one step: gradient accumulation) rather than clipping each.
+
+Several calls of the model before one backward (a GAN discriminator on real, then on fake
+samples, both losses summed into one backward) are one batch: row i of every call is privacy
+unit i, its gradients from all calls summed before it is clipped once (Opacus's semantics, where
+grad samples of the calls add up). Every call must have the same batch size B; the inputs of
+row i in each call must come from data sample i only, or from no private data at all (the
+generator's fakes); the optimizer's check that at most one Poisson batch was drawn per step
+still applies.
 A backward that fails part-way (a layer refused in its backward) leaves no half-recorded batch:
 the tape is cleared and marks the failure, so that a step() taken anyway is refused.
 """
@@ -53,12 +61,14 @@ class Batch:
     batch_size: int
     first_module: str
     contributions: list = field(default_factory=list)
+    calls: int = 1  # calls of the private model recorded into this batch (one backward for all)
 
 
 class Tape:
     """Shared state of one private model: the loss reduction and the batches awaiting a step.
 
     `failure` holds the message of a backward that failed since the last clear (None if none).
+    `in_unit` > 0 while the generic path runs a module's own forward (patched modules run as is).
     """
 
     def __init__(self, loss_reduction: str = "mean") -> None:
@@ -70,20 +80,41 @@ class Tape:
         self.awaiting_backward = False
         self.enabled = True
         self.failure: str | None = None
+        self.in_unit = 0
+        self.call_noted = False  # a layer of the current call of the model was noted
 
     def loss_scale(self, batch_size: int) -> float:
         """Factor turning autograd's grad_output into per-sample-loss gradients."""
         return float(batch_size) if self.loss_reduction == "mean" else 1.0
 
-    def begin_forward(self) -> None:
+    def begin_forward(self) -> bool:
+        """A training call of the private model starts. Returns True when it continues the batch of
+        an earlier call whose backward has not run yet (see the module docstring), else starts a new
+        batch at its first recorded layer."""
+        self.call_noted = False
+        if self.awaiting_backward and self.current is not None:
+            self.current.calls += 1
+            return True
         self.current = None
+        return False
 
     def note_forward(self, module_name: str, batch_size: int) -> Batch:
         """Called by every wrapped layer in a recorded forward; checks batch sizes agree."""
+        first_of_call, self.call_noted = not self.call_noted, True
         if self.current is None:
             self.current = Batch(batch_size, module_name)
             self.batches.append(self.current)
             self.awaiting_backward = True
+        elif batch_size != self.current.batch_size and first_of_call:
+            raise ValueError(
+                f"fastdp: module '{module_name}' got an input with batch size {batch_size}, but an earlier call "
+                f"of the private model since the last backward had batch size {self.current.batch_size}. Calls "
+                "before one backward are one batch, row i of each call privacy unit i (its gradients summed, "
+                "then clipped once), so every call needs the same batch size: e.g. a GAN discriminator's fake "
+                "batch of the real batch's size (torch.randn(real.shape[0], ...)). Otherwise concatenate the "
+                "inputs into one call (torch.cat) and split its output. Call optimizer.zero_grad() to discard a "
+                "call whose loss you do not backpropagate, and evaluate under torch.no_grad() / model.eval()."
+            )
         elif batch_size != self.current.batch_size:
             raise ValueError(
                 f"fastdp: module '{module_name}' got an input with batch size {batch_size}, but "

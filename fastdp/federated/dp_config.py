@@ -33,7 +33,8 @@ class DPConfig:
         max_grad_norm: C, the L2 bound on each sample's gradient.
         delta: the delta of (epsilon, delta)-DP.
         epsilon_budget: the site stops taking part before a round that would take it past this.
-        accountant: "rdp" or "pld".
+        accountant: "rdp" (the default of federated runs), "pld", "prv" (numerical; PrivacyEngine's
+            default) or "gdp" (a CLT approximation, warns).
         reproducible_noise: derive the noise and sampling seeds from the Site's `seed` and name
             instead of the OS CSPRNG. For tests only: anyone who knows the seed (the server writes
             the config) can regenerate and subtract the noise, so the run is NOT private.

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from fastdp.accounting import PrivacyBudgetExceeded
 from fastdp.federated.history import History
@@ -88,8 +89,19 @@ def update_note(update) -> str:
     return loss + eps
 
 
-def _fmt_seconds(s: float) -> str:
-    return f"{s:.0f}s" if s < 90 else f"{int(s // 60)}m{int(s % 60):02d}s"
+def _is_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+class _NullWriter:
+    """Where a progress bar draws when it is not drawn live (its state is printed as lines instead)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
 
 
 class Simulation:
@@ -105,7 +117,9 @@ class Simulation:
         seed: seeds the initial model and the site selection.
         checkpoint_dir: where checkpoint.pt and the sites' own state files go (None: no checkpoints).
         out_dir: where history.json / history.csv are written after every round (None: not written).
-        progress: print one line per round (and per site) to stderr.
+        progress: a tqdm bar of the rounds (elapsed, rate, time left) and one line per round and
+            per site, on stderr; off a terminal (CI logs) the bar's state is one more line a round.
+            False prints nothing.
         eval_every: evaluate every this many rounds (and always after the last).
         max_update_norm, outlier_factor: update screening (see validation.screen_updates).
         config: free-form description stored in the history.
@@ -229,7 +243,8 @@ class Simulation:
     # --- one round -----------------------------------------------------------------------------
     def _say(self, msg: str) -> None:
         if self.progress:
-            print(msg, file=sys.stderr, flush=True)
+            # tqdm.write moves a running bar below the line instead of printing through it.
+            tqdm.write(msg, file=sys.stderr)
 
     def _select_sites(self, round: int, record: RoundRecord) -> list[str]:
         """Drops the sites whose next round would pass their budget, then lets the strategy choose."""
@@ -372,14 +387,34 @@ class Simulation:
         if start > 1:
             self._say(f"resuming after round {start - 1} from {self.checkpoint_path}")
         last = self.rounds if stop_after is None else min(self.rounds, stop_after)
-        t_run = time.perf_counter()
-        for r in range(start, last + 1):
-            self._say(f"[{self.history.mode}] round {r}/{self.rounds}")
-            rec = self.run_round(r)
-            if self.out_dir is not None:
-                self.history.save(self.out_dir)
-            self.save_checkpoint(r)
-            self._say(self._summary_line(rec, r, start, last, time.perf_counter() - t_run))
+        # tqdm keeps the time left; smoothing=0: from the mean round time of this run (rounds differ
+        # little), mininterval=0: redrawn after every round (rounds take seconds, not microseconds).
+        # Off a terminal (CI logs, a Flower ServerApp's log file) a redrawn bar would be a run of
+        # carriage returns: the bar then draws nowhere and its state is written as one line a round.
+        live = _is_terminal(sys.stderr)
+        bar = tqdm(
+            total=self.rounds,
+            initial=start - 1,
+            desc=f"[{self.history.mode}]",
+            unit="round",
+            file=sys.stderr if live else _NullWriter(),
+            disable=not self.progress,
+            dynamic_ncols=live,
+            ascii=None if live else True,
+            smoothing=0,
+            mininterval=0,
+        )
+        with bar:
+            for r in range(start, last + 1):
+                self._say(f"[{self.history.mode}] round {r}/{self.rounds}")
+                rec = self.run_round(r)
+                if self.out_dir is not None:
+                    self.history.save(self.out_dir)
+                self.save_checkpoint(r)
+                self._say(self._summary_line(rec, r))
+                bar.update(1)
+                if self.progress and not live:
+                    self._say(str(bar))
         if self.out_dir is not None:
             self.history.save(self.out_dir)
         if last == self.rounds and self.history.rounds and not any(r.participants for r in self.history.rounds):
@@ -402,9 +437,8 @@ class Simulation:
             f"the initial one. {detail}"
         )
 
-    def _summary_line(self, rec: RoundRecord, r: int, start: int, last: int, elapsed: float) -> str:
-        done = r - start + 1
-        eta = elapsed / done * (last - r)
+    def _summary_line(self, rec: RoundRecord, r: int) -> str:
+        """After round r: "[mode] round r/R done in T s | test Dice D | epsilon site=e ... | server epsilon E"."""
         parts = [f"[{self.history.mode}] round {r}/{self.rounds} done in {rec.wall_s:.1f} s"]
         if rec.test:
             parts.append(f"test Dice {rec.test['dice']:.3f}")
@@ -413,8 +447,6 @@ class Simulation:
             parts.append("epsilon " + " ".join(f"{k}={v:.2f}" for k, v in eps.items()))
         if rec.server_epsilon is not None:
             parts.append(f"server epsilon {rec.server_epsilon:.2f}")
-        if last > r:
-            parts.append(f"ETA {_fmt_seconds(eta)}")
         return " | ".join(parts)
 
     @property

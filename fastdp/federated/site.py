@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fastdp.accounting import Accountant
+from fastdp.data import DEFAULT_BATCH_KEYS, image_and_label
 from fastdp.engine import DPDataLoader, PrivacyEngine
 from fastdp.federated.dp_config import DPConfig
 from fastdp.federated.state_files import StateFileError, load_state, save_state
@@ -99,7 +100,8 @@ class Site:
 
     Args:
         site_id: a name unique in the federation.
-        train_data: a Dataset of (image [1, H, W] float, mask [H, W] int) pairs.
+        train_data: a Dataset of (image [1, H, W] float, mask [H, W] int) pairs, or of MONAI-style dicts
+            {"image": [1, H, W], "label": [1, H, W] or [H, W], ...} (keys: batch_keys; other keys are ignored).
         val_data: the site's validation Dataset (same format) or None.
         model_fn: builds the model architecture (weights come from the global state each round).
         batch_size: expected batch size; batches are Poisson-sampled with rate batch_size / N
@@ -119,6 +121,7 @@ class Site:
         eval_batch_size: slices per forward pass in evaluate().
         secure_mode: DP noise and sampling seeds from the OS CSPRNG (not replayable; resume then
             keeps privacy accounting but not bit-exact results).
+        batch_keys: (image key, label key) of dict items; tuple items are read by position.
     """
 
     def __init__(
@@ -140,6 +143,7 @@ class Site:
         device: str | torch.device = "cpu",
         eval_batch_size: int = 64,
         secure_mode: bool = False,
+        batch_keys: tuple[str, str] = DEFAULT_BATCH_KEYS,
     ) -> None:
         n = len(train_data)  # type: ignore[arg-type]
         if n == 0:
@@ -159,6 +163,7 @@ class Site:
         self.dp = None if dp is None else replace(dp)  # a copy: sites must not share a mutable budget
         self.device = torch.device(device)
         self.eval_batch_size = eval_batch_size
+        self.batch_keys = (str(batch_keys[0]), str(batch_keys[1]))
         self.criterion = criterion if criterion is not None else dice_ce_criterion()
         self.sample_rate = min(1.0, batch_size / n)
         # Where the site persists its own state (accountant first of all) before an update leaves it.
@@ -172,6 +177,9 @@ class Site:
         # steps=local_steps: one pass over the loader is one round of local training.
         loader = DPDataLoader(train_data, self.sample_rate, steps=self.local_steps, generator=self.generator)
         model = model_fn().to(self.device)
+        # The model itself, also once it is made private: its state_dict has the global model's keys
+        # whatever a private wrapper's own state_dict adds (Opacus's "_module." prefix), same tensors.
+        self._plain_model = model
         opt = _make_optimizer(optimizer, model.parameters(), lr)
         self.engine: PrivacyEngine | None = None
         self.noise_multiplier: float | None = None
@@ -257,14 +265,15 @@ class Site:
         """
         config = config or {}
         mu = float(config.get("proximal_mu", 0.0))
-        self._load_global(self.model, global_state)
+        self._load_global(self._plain_model, global_state)
         self.model.train()
         anchors = None
         if mu > 0:
             anchors = {k: v.detach().to(self.device) for k, v in global_state.items()}
         params = dict(self.model.named_parameters())
         losses, steps = [], 0
-        for x, y in self.loader:
+        for batch in self.loader:
+            x, y = image_and_label(batch, self.batch_keys)
             x, y = x.to(self.device), y.to(self.device)
             self.optimizer.zero_grad(set_to_none=True)
             if len(x) == 0 and self.engine is None:
@@ -281,7 +290,7 @@ class Site:
                     for name, p in params.items():
                         if p.requires_grad and name in anchors:
                             p.sub_(self.lr * mu * (p - anchors[name]))
-        local = self.model.state_dict()
+        local = self._plain_model.state_dict()
         delta = {k: (local[k].detach() - global_state[k].to(self.device)).cpu() for k in floating_keys(global_state)}
         if self.engine is not None:
             self._check_buffers_unchanged(delta)
@@ -302,7 +311,7 @@ class Site:
     def _check_buffers_unchanged(self, delta: dict[str, torch.Tensor]) -> None:
         """A DP site's update may only move parameters (trained through the DP step): a floating-point
         buffer that changed (running statistics and the like) is an un-noised function of the data."""
-        params = {k for k, v in self.model.state_dict(keep_vars=True).items() if isinstance(v, nn.Parameter)}
+        params = {k for k, v in self._plain_model.state_dict(keep_vars=True).items() if isinstance(v, nn.Parameter)}
         moved = [k for k, d in delta.items() if k not in params and bool(d.ne(0).any())]
         if moved:
             raise RuntimeError(
@@ -326,7 +335,13 @@ class Site:
         if self.val_data is None or len(self.val_data) == 0:  # type: ignore[arg-type]
             return {}
         return evaluate_model(
-            self._eval_model, global_state, self.val_data, self.criterion, self.device, self.eval_batch_size
+            self._eval_model,
+            global_state,
+            self.val_data,
+            self.criterion,
+            self.device,
+            self.eval_batch_size,
+            keys=self.batch_keys,
         )
 
     # --- state ---------------------------------------------------------------------------------
@@ -426,12 +441,17 @@ def evaluate_model(
     criterion: nn.Module,
     device: torch.device | str = "cpu",
     batch_size: int = 64,
+    keys: tuple[str, str] = DEFAULT_BATCH_KEYS,
 ) -> dict[str, float]:
-    """{"dice": liver Dice over all pixels, "loss": mean per-slice loss} of `model` with `state` on `data`."""
+    """{"dice": liver Dice over all pixels, "loss": mean per-slice loss} of `model` with `state` on `data`.
+
+    data: (image, mask) items or dicts with the image and label at `keys` (see image_and_label).
+    """
     model.load_state_dict({k: v.to(device) for k, v in state.items()})
     model.eval()
     preds, targets, loss_sum, n = [], [], 0.0, 0
-    for x, y in DataLoader(data, batch_size=batch_size, shuffle=False):
+    for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
+        x, y = image_and_label(batch, keys)
         x, y = x.to(device), y.to(device)
         logits = model(x)
         loss_sum += float(criterion(logits, y)) * len(x)

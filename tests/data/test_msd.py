@@ -110,3 +110,22 @@ def test_shape_mismatch_is_named(msd_root):
     nib.save(nib.Nifti1Image(np.zeros((40, 32, 11), np.uint8), np.eye(4)), root / "labelsTr" / "liver_0.nii.gz")
     with pytest.raises(MSDFileError, match="liver_0"):
         MSDSliceDataset(root, size=16)
+
+
+def test_monai_dict_pipeline_matches_the_loader(msd_root):
+    from fastdp.data.msd import ct_volume_transforms
+
+    root, vols = msd_root
+    hu, label = vols[0]
+    out = ct_volume_transforms()(
+        {"image": str(root / "imagesTr/liver_0.nii.gz"), "label": str(root / "labelsTr/liver_0.nii.gz")}
+    )
+    assert tuple(out["image"].shape) == (1, *hu.shape)  # the fixture's affine is RAS already
+    np.testing.assert_allclose(out["image"][0].numpy(), np.clip((hu.astype(np.float64) + 150) / 350, 0, 1), atol=1e-6)
+    np.testing.assert_array_equal(out["label"][0].numpy(), label)
+
+
+def test_window_must_be_increasing(msd_root):
+    root, _ = msd_root
+    with pytest.raises(ValueError, match="high > low"):
+        MSDSliceDataset(root, size=16, window=(200, -150))

@@ -239,7 +239,9 @@ class Discriminator(nn.Module):
         return self.net(x).squeeze(1)
 
 
-def test_gan_two_forwards_before_backward_refused_concatenated_trains():
+def test_gan_two_forwards_before_backward_different_sizes_refused_same_size_and_concatenated_train():
+    """Calls before one backward are one batch (row i of each call is unit i): allowed with equal
+    batch sizes (Opacus's dcgan.py), refused otherwise; one concatenated forward also trains."""
     torch.manual_seed(0)
     disc = Discriminator()
     engine = fastdp.PrivacyEngine(seed=0)
@@ -252,22 +254,50 @@ def test_gan_two_forwards_before_backward_refused_concatenated_trains():
         max_grad_norm=1.0,
     )
     bce = nn.functional.binary_cross_entropy_with_logits
-    (real,) = next(iter(loader))
-    fake = torch.randn(5, 6)
+    it = iter(loader)
+    (real,) = next(it)
+    fake = torch.randn(len(real) + 1, 6)
     before = _snapshot(disc)
     opt.zero_grad()
     out_real = pm(real)
-    with pytest.raises(PrivacyStepError, match="called twice before backward") as err:
+    with pytest.raises(ValueError, match="every call needs the same batch size") as err:
         pm(fake)
-    assert ONE_PASS in str(err.value) and "torch.cat" in str(err.value)
-    opt.zero_grad()  # discards the pending forward
+    assert "torch.cat" in str(err.value) and "optimizer.zero_grad()" in str(err.value)
+    assert pm.tape.batches and pm.tape.awaiting_backward  # the first call is still there
+    with pytest.raises(PrivacyStepError, match="forward without backward"):
+        opt.step()
+    _unchanged(disc, before, opt, engine)
     del out_real
+    (real,) = next(it)
+    opt.zero_grad()
+    errD = bce(pm(real), torch.ones(len(real))) + bce(pm(torch.randn(len(real), 6)), torch.zeros(len(real)))
+    errD.backward()
+    assert len(pm.tape.batches) == 1 and pm.tape.batches[0].calls == 2
+    opt.step()
+    assert engine.accountant.steps == 1
+    assert all(not torch.equal(before[n], p) for n, p in disc.named_parameters())
+    (real,) = next(it)
+    fake = torch.randn(5, 6)
+    opt.zero_grad()
     out = pm(torch.cat([real, fake]))  # one forward: each sample clipped once
     labels = torch.cat([torch.ones(len(real)), torch.zeros(len(fake))])
     bce(out, labels).backward()
     opt.step()
-    assert engine.accountant.steps == 1
-    assert all(not torch.equal(before[n], p) for n, p in disc.named_parameters())
+    assert engine.accountant.steps == 2
+
+
+def test_forward_backward_then_forward_backward_is_still_two_batches():
+    """A second call after the first one's backward is gradient accumulation: refused at the step."""
+    torch.manual_seed(0)
+    pm, opt, loader, engine = _private(_model(), poisson=False)
+    x, y = next(iter(loader))
+    opt.zero_grad()
+    nn.functional.cross_entropy(pm(x), y).backward()
+    out = pm(x)
+    nn.functional.cross_entropy(out, y).backward()
+    with pytest.raises(PrivacyStepError, match=ONE_PASS):
+        opt.step()
+    assert engine.accountant.steps == 0
 
 
 # ---------------------------------------------------------------------------- generic torch.func path

@@ -1,0 +1,1 @@
+"""Opacus's `opacus.utils` names, so that an Opacus script changes only its imports."""
