@@ -283,10 +283,7 @@ class DPOptimizer(torch.optim.Optimizer):
     def _batch_terms(self, batch: Batch):
         """(stored params, stored per-sample grads, deferred contributions, sq_norms [B])."""
         contribs = list(batch.contributions)
-        counts: dict[int, int] = {}
-        for cont in contribs:
-            for p in cont.params:
-                counts[id(p)] = counts.get(id(p), 0) + 1
+        counts = _param_counts(contribs)
         stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         deferred: list[Deferred] = []
         for cont in contribs:
@@ -407,10 +404,7 @@ class DPOptimizer(torch.optim.Optimizer):
         directly; one with several (weight and bias: one norm for both) or a shared parameter is
         materialized. Parameters without a bound (not in the optimizer) are not updated: skipped."""
         contribs = list(batch.contributions)
-        counts: dict[int, int] = {}
-        for cont in contribs:
-            for p in cont.params:
-                counts[id(p)] = counts.get(id(p), 0) + 1
+        counts = _param_counts(contribs)
         stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         single: list[tuple[torch.Tensor, Deferred]] = []
         for cont in contribs:
@@ -513,3 +507,12 @@ def _steps_since(before: list[tuple], now: list[tuple], key: tuple) -> int | Non
         grown = int(now[-1][2]) - int(before[-1][2])
         return grown if tuple(before[-1][:2]) == sigma_q and grown >= 0 else None
     return None
+
+
+def _param_counts(contribs: list) -> dict[int, int]:
+    """id(parameter) -> how many contributions record it (more than one: a shared parameter)."""
+    counts: dict[int, int] = {}
+    for cont in contribs:
+        for p in cont.params:
+            counts[id(p)] = counts.get(id(p), 0) + 1
+    return counts
