@@ -19,9 +19,10 @@ forward conventions:
 Differences from Opacus: the parameters and state_dict keys are torch's (weight_ih_l0, ...; for
 attention in_proj_weight / out_proj.weight, not Opacus's qlinear / klinear / vlinear), so a model
 trained with these loads into the plain torch modules and back; PackedSequence inputs are refused
-(pass padded batches); dropout inside the module (between recurrent layers, on attention weights) is
+(pass padded batches). Dropout between recurrent layers is exact (the engine runs a multi-layer RNN
+with dropout layer by layer, the dropout on the batch between the units); attention dropout is
 refused in training, since the per-sample recomputation cannot replay its random draws: use
-dropout=0 and nn.Dropout modules between layers instead.
+dropout=0.0 on the attention (an nn.Dropout on its output is fine).
 """
 
 from __future__ import annotations
@@ -32,9 +33,46 @@ from torch import nn
 __all__ = ["DPGRU", "DPLSTM", "DPMultiheadAttention", "DPRNN"]
 
 
-class DPRNN(nn.RNN):
-    """nn.RNN with Opacus's DPRNN signature; forward(input [B, T, D] or [T, B, D], state_init
-    h_0 [L*D, B, H] or None) -> (output, h_n)."""
+class _OpacusRecurrent:
+    """Opacus's recurrent-layer signature on a torch RNN class (mixed in before it): the shared
+    constructor arguments, proj_size refused where torch has no projection, and
+    forward(input, state_init=None)."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        **torch_only,
+    ) -> None:
+        name = type(self).__name__
+        if proj_size and not isinstance(self, nn.LSTM):
+            raise ValueError(f"{name}: proj_size is an LSTM option ({name} has no projection); use proj_size=0")
+        if proj_size:
+            torch_only["proj_size"] = proj_size
+        super().__init__(
+            input_size,
+            hidden_size,
+            num_layers=num_layers,
+            bias=bias,
+            batch_first=batch_first,
+            dropout=float(dropout),
+            bidirectional=bidirectional,
+            **torch_only,
+        )
+
+    def forward(self, input: torch.Tensor, state_init=None):
+        return super().forward(input, state_init)
+
+
+class DPRNN(_OpacusRecurrent, nn.RNN):
+    """nn.RNN with Opacus's DPRNN signature (nonlinearity last); forward(input [B, T, D] or [T, B, D],
+    state_init h_0 [L*D, B, H] or None) -> (output, h_n)."""
 
     def __init__(
         self,
@@ -48,81 +86,26 @@ class DPRNN(nn.RNN):
         proj_size: int = 0,
         nonlinearity: str = "tanh",
     ) -> None:
-        if proj_size:
-            raise ValueError("DPRNN: proj_size is an LSTM option (nn.RNN has no projection); use proj_size=0")
         super().__init__(
             input_size,
             hidden_size,
-            num_layers=num_layers,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            proj_size,
             nonlinearity=nonlinearity,
-            bias=bias,
-            batch_first=batch_first,
-            dropout=float(dropout),
-            bidirectional=bidirectional,
         )
 
-    def forward(self, input: torch.Tensor, state_init: torch.Tensor | None = None):
-        return super().forward(input, state_init)
 
-
-class DPGRU(nn.GRU):
+class DPGRU(_OpacusRecurrent, nn.GRU):
     """nn.GRU with Opacus's DPGRU signature; forward(input, state_init h_0 or None) -> (output, h_n)."""
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        bias: bool = True,
-        batch_first: bool = False,
-        dropout: float = 0,
-        bidirectional: bool = False,
-        proj_size: int = 0,
-    ) -> None:
-        if proj_size:
-            raise ValueError("DPGRU: proj_size is an LSTM option (nn.GRU has no projection); use proj_size=0")
-        super().__init__(
-            input_size,
-            hidden_size,
-            num_layers=num_layers,
-            bias=bias,
-            batch_first=batch_first,
-            dropout=float(dropout),
-            bidirectional=bidirectional,
-        )
 
-    def forward(self, input: torch.Tensor, state_init: torch.Tensor | None = None):
-        return super().forward(input, state_init)
-
-
-class DPLSTM(nn.LSTM):
+class DPLSTM(_OpacusRecurrent, nn.LSTM):
     """nn.LSTM with Opacus's DPLSTM signature; forward(input, state_init (h_0, c_0) or None) ->
     (output, (h_n, c_n)). proj_size > 0 works (torch's projection; Opacus refuses it)."""
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        bias: bool = True,
-        batch_first: bool = False,
-        dropout: float = 0,
-        bidirectional: bool = False,
-        proj_size: int = 0,
-    ) -> None:
-        super().__init__(
-            input_size,
-            hidden_size,
-            num_layers=num_layers,
-            bias=bias,
-            batch_first=batch_first,
-            dropout=float(dropout),
-            bidirectional=bidirectional,
-            proj_size=proj_size,
-        )
-
-    def forward(self, input: torch.Tensor, state_init: tuple[torch.Tensor, torch.Tensor] | None = None):
-        return super().forward(input, state_init)
 
 
 class DPMultiheadAttention(nn.MultiheadAttention):

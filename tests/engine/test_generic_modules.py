@@ -118,7 +118,7 @@ def _stacked_forward(rnn: nn.RNNBase):
         lstm = isinstance(rnn, nn.LSTM)
         out, hs, cs = x, [], []
         for layer in range(rnn.num_layers):
-            one = type(rnn).__bases__[0] if type(rnn).__module__.startswith("fastdp") else type(rnn)
+            one = next(c for c in type(rnn).__mro__ if c.__module__.startswith("torch."))  # the torch class
             kw = {"proj_size": rnn.proj_size} if lstm else {}
             insize = rnn.input_size if layer == 0 else out.shape[-1]
             single = one(
