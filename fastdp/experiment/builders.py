@@ -198,6 +198,7 @@ def simulation_options(cfg: ExperimentConfig, run: RunSpec, data: ExperimentData
     """Simulation keyword arguments of the run besides sites, strategy and model (both backends use them)."""
     return dict(
         test_data=data.test,
+        test_parts=data.test_parts,
         rounds=cfg.federated.rounds,
         seed=cfg.seed,
         config=history_config(cfg, run),

@@ -32,11 +32,16 @@ class ExperimentData:
         train: per site (in config order), its training slices.
         val: per site, its validation slices (None when val_slices_per_site = 0).
         test: the held-out test set (None when test_slices = 0).
+        test_parts: the test set split by where its patients come from, {name: Dataset}: each
+            site's own held-out patients when the phantom test set is pooled over the sites, the
+            test site alone with ``test_site``; None where the split is unknown (MSD: the test
+            patients are a group of their own). Used to report each site's test Dice (fairness).
     """
 
     train: dict[str, Dataset]
     val: dict[str, Dataset | None]
     test: Dataset | None
+    test_parts: dict[str, Dataset] | None = None
 
     def pooled(self) -> tuple[Dataset, Dataset | None]:
         """All sites' training slices as one dataset, and all validation slices (centralised training)."""
@@ -59,17 +64,20 @@ def _phantom(cfg: DataConfig, seed: int) -> ExperimentData:
         s: PhantomDataset(p, cfg.val_slices_per_site, size, seed, start=_VAL_START) if cfg.val_slices_per_site else None
         for s, p in profiles.items()
     }
-    test = None
+    test, test_parts = None, None
     if cfg.test_slices and cfg.test_site is not None:
         test = PhantomDataset(_phantom_profile(cfg.test_site, seed), cfg.test_slices, size, seed, start=_TEST_START)
+        test_parts = {cfg.test_site: test}
     elif cfg.test_slices:
         # Pooled over sites, counts differing by at most one.
         counts = [len(part) for part in np.array_split(np.arange(cfg.test_slices), len(profiles))]
-        parts = [
-            PhantomDataset(p, n, size, seed, start=_TEST_START) for p, n in zip(profiles.values(), counts, strict=True)
-        ]
-        test = ConcatDataset([d for d in parts if len(d)])
-    return ExperimentData(train, val, test)
+        parts = {
+            s: PhantomDataset(p, n, size, seed, start=_TEST_START)
+            for (s, p), n in zip(profiles.items(), counts, strict=True)
+        }
+        test_parts = {s: d for s, d in parts.items() if len(d)}
+        test = ConcatDataset(list(test_parts.values()))
+    return ExperimentData(train, val, test, test_parts)
 
 
 def _msd(cfg: DataConfig, seed: int) -> ExperimentData:

@@ -23,6 +23,7 @@ CSV_COLUMNS = [
     "epsilon",
     "local_s",
     "test_dice",
+    "site_test_dice",
     "server_epsilon",
     "round_wall_s",
 ]
@@ -93,6 +94,7 @@ class History:
                         "epsilon": s.get("epsilon"),
                         "local_s": s.get("local_s"),
                         "test_dice": test.get("dice"),
+                        "site_test_dice": ((test.get("by_site") or {}).get(site) or {}).get("dice"),
                         "server_epsilon": r.get("server_epsilon"),
                         "round_wall_s": r.get("wall_s"),
                     }

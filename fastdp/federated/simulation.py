@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -113,6 +113,9 @@ class Simulation:
         model_fn: builds the architecture; the initial global model is model_fn() seeded by `seed`.
         initial_state: start from this state_dict instead.
         test_data: held-out Dataset evaluated every eval_every rounds (Dice over all pixels).
+        test_parts: the same test data split by origin, {name: Dataset} (e.g. each site's own
+            held-out patients); each part's Dice and loss go to the round's ``test["by_site"]``,
+            so a report can show whether a model (DP or not) serves one site worse than another.
         rounds: total rounds (a resumed run continues up to this number).
         seed: seeds the initial model and the site selection.
         checkpoint_dir: where checkpoint.pt and the sites' own state files go (None: no checkpoints).
@@ -134,6 +137,7 @@ class Simulation:
         *,
         initial_state: dict[str, torch.Tensor] | None = None,
         test_data: Dataset | None = None,
+        test_parts: Mapping[str, Dataset] | None = None,
         rounds: int = 5,
         seed: int = 0,
         checkpoint_dir: str | Path | None = None,
@@ -161,6 +165,9 @@ class Simulation:
         self.model_fn = model_fn
         self.global_state = dict(initial_state) if initial_state is not None else initial_global_state(model_fn, seed)
         self.test_data = test_data
+        self.test_parts = dict(test_parts) if test_parts else {}
+        if self.test_parts and test_data is None:
+            raise ValueError("test_parts split the test data: pass test_data (all of it) as well")
         self.rounds, self.seed, self.eval_every = int(rounds), int(seed), int(eval_every)
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.out_dir = None if out_dir is None else Path(out_dir)
@@ -325,6 +332,11 @@ class Simulation:
             self._test_model = self.model_fn().to(self.device)
         model, data = self._test_model, self.test_data
         record.test = evaluate_model(model, self.global_state, data, self.criterion, self.device)
+        if self.test_parts:
+            record.test["by_site"] = {
+                name: evaluate_model(model, self.global_state, part, self.criterion, self.device)
+                for name, part in self.test_parts.items()
+            }
 
     def run_round(self, round: int) -> RoundRecord:
         """One round; returns its record (also appended to self.history)."""

@@ -102,12 +102,37 @@ def _phase_rows(summaries: list[ModeSummary]) -> list[dict]:
     return rows
 
 
+def _fairness_rows(summaries: list[ModeSummary]) -> list[dict]:
+    """Per run: each site's val / test Dice, the spread of test Dice over sites and the largest
+    drop against the non-private run (which site a DP model serves worst)."""
+    base = next((s for s in summaries if s.label == "nonprivate"), None)
+    sites = list(dict.fromkeys(k for s in summaries for k in [*s.site_val_dice, *s.site_test_dice]))
+    rows = []
+    for s in summaries:
+        row = {"run": s.label}
+        for site in sites:
+            row[f"{site} val / test"] = f"{_fmt(s.site_val_dice.get(site))} / {_fmt(s.site_test_dice.get(site))}"
+        tests = [v for v in s.site_test_dice.values() if v is not None]
+        row["test spread (max - min)"] = _fmt(max(tests) - min(tests)) if len(tests) > 1 else "—"
+        drops = {
+            site: base.site_test_dice[site] - v
+            for site, v in s.site_test_dice.items()
+            if base is not None and s is not base and v is not None and base.site_test_dice.get(site) is not None
+        }
+        if drops:
+            worst = max(drops, key=drops.get)
+            row["largest test drop vs non-private"] = f"{worst} {_fmt(drops[worst])}"
+        rows.append(row)
+    return rows
+
+
 def _site_rows(summaries: list[ModeSummary]) -> list[dict]:
     return [
         {
             "run": s.label,
             "site": site,
             "val Dice": _fmt(s.site_val_dice.get(site)),
+            "test Dice (own held-out patients)": _fmt(s.site_test_dice.get(site)),
             "epsilon": _fmt(s.site_epsilon.get(site), 2) if s.site_epsilon.get(site) is not None else "—",
             "status": s.site_status.get(site, ""),
         }
@@ -278,6 +303,14 @@ def write_report(
             lines += [f"## {heading}", "", f"![{heading}]({path.relative_to(run_dir).as_posix()})", ""]
     lines += ["## Mean time per round by phase", "", markdown_table(_phase_rows(summaries))]
     lines += ["## Sites", "", markdown_table(_site_rows(summaries))]
+    if any(s.site_test_dice for s in summaries):
+        lines += ["## Per-site fairness", "", markdown_table(_fairness_rows(summaries))]
+        lines += [
+            "val: the global model on each site's own validation slices; test: on the held-out test patients "
+            "of that site (the test set split by origin). A DP model that serves one scanner worse than the "
+            "others shows as a larger drop at that site.",
+            "",
+        ]
     if attack:
         bases = [Path(attack_dir)] if attack_dir is not None else []
         lines += _attack_section(attack, [*bases, run_dir, run_dir / "attack"], run_dir, plots_dir, run_dir)

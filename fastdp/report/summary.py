@@ -60,6 +60,8 @@ class ModeSummary:
     Attributes:
         final_test_dice: test Dice of the last round that evaluated on the test set.
         site_val_dice: per site, validation Dice of its last evaluated round.
+        site_test_dice: per part of the test set (each site's own held-out patients, or the test
+            site), the final global model's test Dice; empty when the test set is not split.
         site_epsilon: per site, its epsilon after its last update (None: non-private).
         server_epsilon: DP-FedAvg user-level epsilon after the last round.
         mean_round_s / total_s: wall-clock seconds per round (mean) and in all.
@@ -85,6 +87,7 @@ class ModeSummary:
     site_status: dict[str, str] = field(default_factory=dict)
     not_private_reasons: list[str] = field(default_factory=list)
     releases: dict[str, list[str]] = field(default_factory=dict)
+    site_test_dice: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def is_private(self) -> bool:
@@ -175,6 +178,15 @@ def _status(run: RunHistory, site: str) -> str:
     return "; ".join(notes)
 
 
+def _site_test_dice(rounds: list[RoundRecord]) -> dict[str, float | None]:
+    """Each test part's Dice in the last round that evaluated the split test set."""
+    for r in reversed(rounds):
+        by_site = (r.get("test") or {}).get("by_site")
+        if by_site:
+            return {name: as_number((m or {}).get("dice")) for name, m in by_site.items()}
+    return {}
+
+
 def summarize(run: RunHistory) -> ModeSummary:
     """Headline numbers of one run."""
     walls = [w for w in (as_number(r.get("wall_s")) for r in run.rounds) if w is not None]
@@ -198,6 +210,7 @@ def summarize(run: RunHistory) -> ModeSummary:
         # "no DP" is what a non-private run is anyway; the report flags DP runs whose guarantee fails.
         not_private_reasons=[r for r in run.privacy.get("not_private_reasons", []) if not r.startswith("no DP")],
         releases=dict(run.privacy.get("releases") or {}),
+        site_test_dice=_site_test_dice(run.rounds),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastdp.experiment import ConfigError, ExperimentConfig
 from fastdp.experiment.data import build_data
@@ -49,6 +50,20 @@ def test_phantom_data_split():
     assert len(train) == 15 and len(val) == 6
     unseen = build_data(cfg.replace(**{"data.test_site": "site_7"}).data, seed=0)
     assert unseen.test.site == "site_7" and len(unseen.test) == 7
+    assert list(unseen.test_parts) == ["site_7"] and unseen.test_parts["site_7"] is unseen.test
+
+
+def test_pooled_test_set_is_split_by_site_for_fairness():
+    cfg = ExperimentConfig().replace(**{"data.slices_per_site": 2, "data.test_slices": 7, "data.image_size": 64})
+    data = build_data(cfg.data, seed=0)
+    # Each part is the site's own held-out patients, and the parts are exactly the pooled test set.
+    assert list(data.test_parts) == ["site_a", "site_b", "site_c"]
+    assert [len(p) for p in data.test_parts.values()] == [3, 2, 2]
+    assert [p.site for p in data.test_parts.values()] == ["site_a", "site_b", "site_c"]
+    torch.testing.assert_close(data.test[3][0], data.test_parts["site_b"][0][0])
+    # Two test slices only: the third site has no held-out patients and no part.
+    small = build_data(cfg.replace(**{"data.test_slices": 2}).data, seed=0)
+    assert list(small.test_parts) == ["site_a", "site_b"] and len(small.test) == 2
 
 
 def test_bad_model_kwargs_name_the_key():

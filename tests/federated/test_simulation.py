@@ -6,6 +6,7 @@ import torch
 from _fl_helpers import phantom, tiny_unet
 
 from fastdp.federated import DPConfig, DPFedAvg, FedAvg, Simulation, Site, SiteUpdate
+from fastdp.federated.site import evaluate_model
 from fastdp.federated.state_files import load_state
 
 SITES = ("site_a", "site_b", "site_c")
@@ -193,3 +194,25 @@ def test_bad_simulation_arguments():
         Simulation(_sites()[:1] * 2, FedAvg(), tiny_unet)
     with pytest.raises(ValueError, match="model_fn"):
         Simulation(_sites()[:1], FedAvg(), None)
+
+
+def test_test_parts_give_each_sites_test_dice_next_to_the_pooled_one(tmp_path):
+    parts = {name: phantom(name, 4, start=2000) for name in SITES}
+    pooled = torch.utils.data.ConcatDataset(list(parts.values()))
+    sim = Simulation(
+        _sites(), FedAvg(), tiny_unet, test_data=pooled, test_parts=parts, rounds=1, out_dir=tmp_path, progress=False
+    )
+    history = sim.run()
+    test = history.rounds[-1].test
+    assert set(test["by_site"]) == set(SITES)
+    for name in SITES:
+        alone = evaluate_model(tiny_unet(), sim.global_state, parts[name], sim.criterion)
+        assert test["by_site"][name]["dice"] == pytest.approx(alone["dice"])
+    rows = list(csv.DictReader((tmp_path / "history.csv").open()))
+    by_site = {r["site"]: float(r["site_test_dice"]) for r in rows}
+    assert by_site == pytest.approx({n: test["by_site"][n]["dice"] for n in SITES})
+
+
+def test_test_parts_without_the_test_data_are_refused():
+    with pytest.raises(ValueError, match="test_parts"):
+        Simulation(_sites(), FedAvg(), tiny_unet, test_parts={"site_a": phantom("site_a", 2)}, progress=False)
