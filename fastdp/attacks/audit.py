@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
 
 from fastdp.accounting import compute_epsilon
 from fastdp.engine import PrivacyEngine
@@ -200,7 +201,7 @@ def audit_dp_sgd(
         claimed_noise_multiplier: the sigma the accountant is told (default: ``noise_multiplier``);
             set it to audit a mechanism that claims more noise than it adds.
         seed: seeds the data, the Poisson sampling and the noise.
-        progress: print a line every 10% of the trials.
+        progress: a tqdm bar of the trials (elapsed, rate, time left) on stderr.
     Returns: :class:`AuditResult`. Runtime: a few ms per trial and step on a CPU.
     """
     if trials < 4:
@@ -232,7 +233,7 @@ def audit_dp_sgd(
         )
         setups[world] = (model, opt, loader)
     scores: dict[bool, list[float]] = {True: [], False: []}
-    for i in range(trials):
+    for _ in tqdm(range(trials), desc=f"audit sigma={noise_multiplier:g}", unit="trial", disable=not progress):
         for world, (model, opt, loader) in setups.items():
             with torch.no_grad():
                 for p in model.parameters():
@@ -248,8 +249,6 @@ def audit_dp_sgd(
                     done += 1
             w = next(model.parameters())
             scores[world].append(float(w.detach().reshape(-1)[-1]))
-        if progress and (i + 1) % max(1, trials // 10) == 0:
-            print(f"  audit sigma={noise_multiplier:g}: {i + 1}/{trials} trials per world", flush=True)
     s_in, s_out = torch.tensor(scores[True]), torch.tensor(scores[False])
     half = trials // 2
     t = _choose_threshold(s_in[:half], s_out[:half], delta)
