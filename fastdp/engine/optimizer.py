@@ -314,6 +314,11 @@ class DPOptimizer(torch.optim.Optimizer):
             self._summed[id(p)] = buf
         return buf
 
+    # No autograd in the DP step: a Deferred layer's clipped sum is computed from the layer's input,
+    # which still carries the forward's graph, so with grad enabled p.grad would come out with a
+    # grad_fn, keeping that graph (activations, the recorded batch) alive until the next step and
+    # spending autograd book-keeping on every clipped sum.
+    @torch.no_grad()
     def accumulate_clipped(self) -> None:
         """Clips the recorded batch and adds its clipped sum into the running sum.
 
@@ -441,6 +446,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 c = (bound / (sq.sqrt() + 1e-6)).clamp(max=1.0)
                 self._buffer(p).add_(d.clipped_sum(c)[0])
 
+    @torch.no_grad()
     def pre_step(self) -> bool:
         """Everything DP before the wrapped optimizer's step; False when the step is skipped.
 

@@ -134,6 +134,14 @@ class Tape:
         self.failure = message
 
     def clear(self) -> None:
+        # Empty the contributions, not only the list: a Deferred's closures hold the layer's input,
+        # whose autograd graph holds the rules' ctx.call -> Batch -> contributions, a cycle through
+        # C++ autograd nodes that Python's gc cannot collect (it leaked every step's graph and
+        # activations: +0.9 GB per federated DP round of the demo).
+        for batch in self.batches:
+            batch.contributions.clear()
+        if self.current is not None:
+            self.current.contributions.clear()
         self.batches = []
         self.current = None
         self.awaiting_backward = False
