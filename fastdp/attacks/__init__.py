@@ -1,7 +1,7 @@
 """Attacks on what a site shares: gradient inversion and an empirical privacy audit."""
 
 from fastdp.attacks.audit import AuditResult, audit_dp_sgd, clopper_pearson, epsilon_lower_bound
-from fastdp.attacks.experiment import run_attack_experiment, site_update
+from fastdp.attacks.experiment import build_attack_model, run_attack_experiment, site_update
 from fastdp.attacks.inversion import (
     InversionResult,
     PCAImagePrior,
@@ -20,6 +20,7 @@ __all__ = [
     "audit_dp_sgd",
     "clopper_pearson",
     "epsilon_lower_bound",
+    "build_attack_model",
     "run_attack_experiment",
     "site_update",
     "PCAImagePrior",

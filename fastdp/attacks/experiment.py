@@ -22,11 +22,20 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fastdp.accounting import compute_epsilon
 from fastdp.attacks.inversion import invert_gradients, rank_references
-from fastdp.attacks.metrics import best_trivial, reconstruction_metrics, trivial_guess_metrics, trivial_guesses
+from fastdp.attacks.metrics import (
+    best_trivial,
+    identification_ranks,
+    identification_summary,
+    reconstruction_metrics,
+    similar_mask_pool,
+    trivial_guess_metrics,
+    trivial_guesses,
+)
 from fastdp.data import PhantomDataset
 from fastdp.engine import PrivacyEngine
 from fastdp.federated import DPConfig, Site
 from fastdp.models import build_model, dice_ce_criterion
+from fastdp.models.batchnorm_unet import bn_unet_small, calibrate_batchnorm, freeze_batchnorm, to_groupnorm
 from fastdp.noise import ReproducibleNoiseWarning
 
 
@@ -109,12 +118,14 @@ def federated_site_update(
     local_steps: int = 1,
     lr: float = 0.1,
     seed: int = 0,
+    optimizer: str = "sgd",
 ) -> dict[str, torch.Tensor]:
     """:func:`site_update` through ``fastdp.federated.Site.local_update`` (``SiteUpdate.delta``).
 
     The site holds exactly this batch, takes ``local_steps`` plain-SGD steps with expected
     batch size B (Poisson rate 1: the whole batch each step) and DP-SGD when ``noise_multiplier``
     is set (:func:`site_update` computes the same update with the engine directly).
+    ``optimizer``: the site's local optimiser ("sgd", or "adam" as in the demo config).
     """
     # Seeded noise keeps the attack experiment repeatable; the attack never uses the seed, so this
     # does not help it (a deployed site draws its seed from the CSPRNG, docs/privacy.md).
@@ -133,7 +144,7 @@ def federated_site_update(
             batch_size=images.shape[0],
             local_steps=local_steps,
             lr=lr,
-            optimizer="sgd",
+            optimizer=optimizer,
             dp=dp,
             seed=seed,
             planned_rounds=1,
@@ -149,10 +160,55 @@ DEFAULT_ATTACK = {
     "tv_weight": 0.1,
     "restarts": 1,
     "init": "random",
-    # Scanner-like pixel noise on the candidate: the one change that lifted the attack above the
-    # trivial guesses on unet_small (docs/attacks.md).
-    "noise_std": 0.05,
+    # Each layer's gradient weighted by 1 / its norm: on unet_small this beat the plain cosine with
+    # scanner-like candidate noise (noise_std 0.05, TV 0.5), the previous best (docs/attacks.md).
+    "layer_weights": "inverse_norm",
+    "noise_std": 0.0,
 }
+
+#: Models the experiment builds by name besides :func:`fastdp.models.build_model`'s: the paper-like
+#: BatchNorm U-Net attacked in eval mode (BatchNorm frozen to its running statistics, calibrated on
+#: public site_b slices) and the GroupNorm conversion of the same weights.
+ATTACK_MODELS = ("bn_unet_small", "bn_unet_small_gn")
+
+
+def build_attack_model(name: str, seed: int = 0, size: int = 64) -> nn.Module:
+    """The attacked global model by name, seeded (``seed``): a ``build_model`` name, or one of
+    :data:`ATTACK_MODELS` (BatchNorm statistics from 64 public ``site_b`` slices of side ``size``)."""
+    torch.manual_seed(seed)
+    if name not in ATTACK_MODELS:
+        return build_model(name)
+    bn = calibrate_batchnorm(bn_unet_small(), PhantomDataset("site_b", 64, size, seed + 1).tensors()[0])
+    return freeze_batchnorm(bn) if name == "bn_unet_small" else to_groupnorm(bn)
+
+
+def identification_pool(
+    masks: torch.Tensor, size: int, pool_size: int = 20, candidates: int = 400, site: str = "site_a", seed: int = 0
+) -> torch.Tensor:
+    """Distractor slices for identification: [B, pool_size, 1, size, size].
+
+    For each mask [B, H, W] the ``pool_size`` slices (of ``candidates`` phantom slices of other
+    patients of ``site``, indices 2000 on, so disjoint from the attacked ones) whose liver masks
+    best match it: the labels alone cannot tell the truth from them.
+    """
+    px, pm = PhantomDataset(site, candidates, size, seed, start=2000).tensors()
+    return px[similar_mask_pool(masks.long(), pm.long(), pool_size)]
+
+
+def gradient_identification_rank(
+    model: nn.Module,
+    shared: Mapping[str, torch.Tensor],
+    truth: torch.Tensor,
+    mask: torch.Tensor,
+    distractors: torch.Tensor,
+    **kw,
+) -> int:
+    """Rank of the truth [1, 1, H, W] among itself and ``distractors`` [P, 1, H, W] by the distance of
+    each candidate's simulated update to ``shared`` (:func:`fastdp.attacks.rank_references`): a
+    server that holds a candidate set (e.g. a hospital's archive) asks which one was trained on.
+    Ties count against the attack. kw go to ``rank_references``."""
+    dists, _ = rank_references(model, shared, torch.cat([truth, distractors], 0), mask, **kw)
+    return int((dists[1:] <= dists[0]).sum())
 
 
 def _slices_with_organ(dataset, count: int, min_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,9 +265,9 @@ def run_attack_experiment(
     batch_sizes: Sequence[int] = (1, 4),
     sigmas: Sequence[float] = (0.1, 1.0),
     max_grad_norm: float = 1.0,
-    steps: int = 50,
+    steps: int = 100,
     lr: float = 0.1,
-    tv_weight: float = 0.5,
+    tv_weight: float = 0.1,
     restarts: int = 1,
     known_mask: bool = True,
     local_steps: int = 1,
@@ -222,6 +278,11 @@ def run_attack_experiment(
     mode: str = "pixels",
     references: int = 256,
     top_k: int = 3,
+    batches: int = 1,
+    local_optimizer: str = "sgd",
+    pool_size: int = 20,
+    pool_candidates: int = 400,
+    gradient_identification: bool = True,
     seed: int = 0,
     threads: int | None = 1,
     progress: bool = True,
@@ -249,16 +310,19 @@ def run_attack_experiment(
         sigmas: DP noise multipliers (noise std sigma * C on the sum of clipped gradients). The
             non-private update is always attacked; 0 or None entries mean it and are not repeated.
         max_grad_norm: DP clipping bound C.
-        steps: attack optimisation steps per update. The default keeps the whole default run at
-            about 80 s of CPU on one core (six attacks, four of them on B = 4); on this model the
-            body SSIM of B = 1 did not improve from 60 to 300 steps and fell at 1000 (docs/attacks.md).
-            One step costs about 0.09 s at B = 1 and 0.35 s at B = 4, 64x64, ``unet_small``.
+        steps: attack optimisation steps per update. More steps raise the NCC slowly (docs/attacks.md:
+            0.23 at 150, 0.29 at 500, 0.38 at 2000 steps on one slice). One step costs about
+            0.06-0.1 s at B = 1 and 0.3 s at B = 4, 64x64, ``unet_small``, one thread.
         lr, tv_weight, restarts: the attack's step size, total-variation weight and random restarts.
         known_mask: the attacker knows the masks; False optimises them jointly (soft logits).
         local_steps, local_lr: the site's local SGD; more than one step is attacked by unrolling.
+        batches: disjoint batches attacked per batch size B (images ``[j B, (j + 1) B)``, each its own
+            site update); the metrics pool all ``B * batches`` images.
+        local_optimizer: the site's local optimiser, ``"sgd"`` or ``"adam"`` (the demo's; unrolled by
+            the attack, :func:`fastdp.attacks.simulate_update`).
         size, pretrain_steps: the phantom side and the pretraining when model/images are not given.
-        attack: further ``invert_gradients`` arguments over :data:`DEFAULT_ATTACK` (cosine objective,
-            signed Adam, ``noise_std=0.05``), e.g. ``{"objective": "l2", "optimizer": "lbfgs"}``.
+        attack: further ``invert_gradients`` arguments over :data:`DEFAULT_ATTACK` (cosine objective
+            with inverse-norm layer weights, signed Adam), e.g. ``{"objective": "l2", "optimizer": "lbfgs"}``.
         mode: ``"pixels"``: the pixel-space Inverting Gradients attack (``steps`` steps).
             ``"retrieval"``: for single-image updates, gradient-guided retrieval with a CT prior —
             the attacker ranks ``references`` public phantom slices (``site_b``, other patients and
@@ -268,6 +332,14 @@ def run_attack_experiment(
         references, top_k: the retrieval's reference slices and how many best matches are averaged.
             They also add the trivial guesses ``ref_mean`` and ``ref_mask_match`` (the same
             retrieval by the masks alone, without the gradient).
+        pool_size: identification: each attacked slice is ranked among itself and ``pool_size``
+            other patients' slices with the most similar liver masks (:func:`identification_pool`)
+            by NCC to the reconstruction (:func:`fastdp.attacks.metrics.identification_ranks`),
+            for the attack and every trivial guess alike. 0: off. Needs phantom data (or images
+            whose masks the phantom pool can match, side >= 64).
+        pool_candidates: phantom slices the distractors are chosen from.
+        gradient_identification: for B = 1 also rank the same candidates by the distance of their
+            simulated update to the shared one (:func:`gradient_identification_rank`).
         seed: seeds the model, the DP noise and the attack's starting points.
         threads: torch threads during the run (None: leave as is). One is the default: the attack's
             many small double-backward passes ran several times faster on one thread than on two
@@ -276,7 +348,10 @@ def run_attack_experiment(
     Returns: {"config": {...}, "runs": [{"batch_size", "sigma" (None: non-private), "mode" ("retrieval"
         or "pixels"), "epsilon" (of this one update at delta 1e-5; None: non-private), "metrics":
         {name: [B]}, "mean": {name: float}, "best_trivial": {"name", "body_ssim"}, "margin_body_ssim"
-        (mean body SSIM minus the best trivial guess's), "attack_seconds", "objective"}, ...],
+        (mean body SSIM minus the best trivial guess's), "best_trivial_aligned" and
+        "margin_aligned_body_ssim" (the same on aligned body SSIM), "identification" (NCC top-1 rate,
+        Clopper-Pearson interval, chance, ranks), "gradient_identification" (B = 1), "attack_seconds"
+        (all batches), "seconds_per_image", "objective"}, ...], "trivial_identification": {"B": {guess: summary}},
         "trivial": {"B": {guess: {metric: [B]}}}, "pngs": [paths], "shared_by", "seconds"}.
     """
     start = time.perf_counter()
@@ -287,7 +362,7 @@ def run_attack_experiment(
         torch.manual_seed(seed)
         model_name = model if isinstance(model, str) else ("unet_small" if model is None else type(model).__name__)
         if model is None or isinstance(model, str):
-            net = build_model(model_name)
+            net = build_attack_model(model_name, seed, images.shape[-1] if images is not None else size)
             if images is not None:
                 size = images.shape[-1]
             pre_x, pre_m = PhantomDataset("site_b", 64, size, seed + 1).tensors()
@@ -297,9 +372,9 @@ def run_attack_experiment(
         else:
             net = model
         if images is None:
-            images, masks = _slices_with_organ(PhantomDataset("site_a", 64, size, seed), max(batch_sizes), 64)
-        elif masks is None or len(images) < max(batch_sizes):
-            raise ValueError("give masks with the images, and at least max(batch_sizes) of each")
+            images, masks = _slices_with_organ(PhantomDataset("site_a", 64, size, seed), max(batch_sizes) * batches, 64)
+        elif masks is None or len(images) < max(batch_sizes) * batches:
+            raise ValueError("give masks with the images, and at least max(batch_sizes) * batches of each")
         if mode not in ("retrieval", "pixels"):
             raise ValueError(f"mode must be 'retrieval' or 'pixels', got {mode!r}")
         ref_x = ref_m = None
@@ -308,59 +383,84 @@ def run_attack_experiment(
         dp_sigmas = [float(s) for s in sigmas if s]
         dp_sigmas = list(dict.fromkeys(dp_sigmas))
         cfg = {**DEFAULT_ATTACK, "lr": lr, "tv_weight": tv_weight, "restarts": restarts, **(attack or {})}
-        runs, pngs, trivial_all = [], [], {}
+        runs, pngs, trivial_all, trivial_id = [], [], {}, {}
         shared_by = "fastdp.federated.Site"
         for b in batch_sizes:
-            x, m = images[:b].float(), masks[:b].long()
+            x, m = images[: b * batches].float(), masks[: b * batches].long()
             if m.dim() == 4:
                 m = m[:, 0]
             ref_kw = {} if ref_x is None else {"references": ref_x, "reference_masks": ref_m, "top_k": top_k}
             trivial = trivial_guess_metrics(x, m, **ref_kw)
             trivial_all[str(b)] = trivial
             best_name, best_val = best_trivial(trivial)
+            best_al_name, best_al_val = best_trivial(trivial, "aligned_body_ssim")
+            distractors = (
+                identification_pool(m, x.shape[-1], pool_size, pool_candidates, seed=seed) if pool_size else None
+            )
+            if distractors is not None:
+                trivial_id[str(b)] = {
+                    k: identification_summary(identification_ranks(g, x, distractors), pool_size)
+                    for k, g in trivial_guesses(x, m, **ref_kw).items()
+                }
             recons, scores = {}, {}
             for sigma in [None, *dp_sigmas]:
-                kw = dict(noise_multiplier=sigma, max_grad_norm=max_grad_norm, local_steps=local_steps, lr=local_lr)
-                delta = federated_site_update(net, x, m, seed=seed, **kw)
                 clip = None if sigma is None else max_grad_norm
-                t0 = time.perf_counter()
-                if ref_x is not None and b == 1 and known_mask:
-                    run_mode = "retrieval"
-                    dists, order = rank_references(
+                parts, objectives, grad_ranks, seconds, run_mode = [], [], [], 0.0, "pixels"
+                for j in range(batches):
+                    xj, mj = x[j * b : (j + 1) * b], m[j * b : (j + 1) * b]
+                    delta = federated_site_update(
                         net,
-                        delta,
-                        ref_x,
-                        m,
-                        shared_kind="update",
-                        local_steps=local_steps,
-                        local_lr=local_lr,
-                        max_grad_norm=clip,
-                        objective=cfg.get("objective", "cosine"),
-                    )
-                    recon, mask_probs, objective = (
-                        ref_x[order[:top_k]].mean(0, keepdim=True),
-                        None,
-                        float(dists[order[0]]),
-                    )
-                else:
-                    run_mode = "pixels"
-                    res = invert_gradients(
-                        net,
-                        delta,
-                        image_shape=tuple(x.shape[1:]),
-                        num_images=b,
-                        masks=m if known_mask else None,
-                        shared_kind="update",
-                        local_steps=local_steps,
-                        local_lr=local_lr,
-                        max_grad_norm=clip,
-                        iterations=steps,
+                        xj,
+                        mj,
                         seed=seed,
-                        **cfg,
+                        noise_multiplier=sigma,
+                        max_grad_norm=max_grad_norm,
+                        local_steps=local_steps,
+                        lr=local_lr,
+                        optimizer=local_optimizer,
                     )
-                    recon, mask_probs, objective = res.images, None if known_mask else res.mask_probs, res.loss
-                seconds = time.perf_counter() - t0
+                    sim = dict(
+                        shared_kind="update",
+                        local_steps=local_steps,
+                        local_lr=local_lr,
+                        max_grad_norm=clip,
+                        local_optimizer=local_optimizer,
+                    )
+                    t0 = time.perf_counter()
+                    if ref_x is not None and b == 1 and known_mask:
+                        run_mode = "retrieval"
+                        dists, order = rank_references(
+                            net, delta, ref_x, mj, objective=cfg.get("objective", "cosine"), **sim
+                        )
+                        parts.append((ref_x[order[:top_k]].mean(0, keepdim=True), None))
+                        objectives.append(float(dists[order[0]]))
+                    else:
+                        res = invert_gradients(
+                            net,
+                            delta,
+                            image_shape=tuple(x.shape[1:]),
+                            num_images=b,
+                            masks=mj if known_mask else None,
+                            iterations=steps,
+                            seed=seed,
+                            **sim,
+                            **cfg,
+                        )
+                        parts.append((res.images, None if known_mask else res.mask_probs))
+                        objectives.append(res.loss)
+                    seconds += time.perf_counter() - t0
+                    if distractors is not None and gradient_identification and b == 1:
+                        grad_ranks.append(gradient_identification_rank(net, delta, xj, mj, distractors[j], **sim))
+                recon = torch.cat([r for r, _ in parts])
+                mask_probs = None if known_mask else torch.cat([q for _, q in parts])
+                objective = _mean(objectives)
                 met = reconstruction_metrics(recon, x, mask_probs=mask_probs, masks=m)
+                ident = grad_ident = None
+                if distractors is not None:
+                    ranks = identification_ranks(recon, x, distractors)
+                    ident = {**identification_summary(ranks, pool_size), "ranks": ranks}
+                    if grad_ranks:
+                        grad_ident = {**identification_summary(grad_ranks, pool_size), "ranks": grad_ranks}
                 label = "non-private" if sigma is None else f"DP sigma={sigma:g}"
                 recons[label], scores[label] = recon, met["body_ssim"]
                 mean = {k: _mean(v) for k, v in met.items()}
@@ -375,14 +475,21 @@ def run_attack_experiment(
                         "mean": mean,
                         "best_trivial": {"name": best_name, "body_ssim": best_val},
                         "margin_body_ssim": mean["body_ssim"] - best_val,
+                        "best_trivial_aligned": {"name": best_al_name, "aligned_body_ssim": best_al_val},
+                        "margin_aligned_body_ssim": mean["aligned_body_ssim"] - best_al_val,
+                        "identification": ident,
+                        "gradient_identification": grad_ident,
                         "attack_seconds": seconds,
+                        "seconds_per_image": seconds / (b * batches),
                         "objective": objective,
                     }
                 )
                 if progress:
+                    top1 = "" if ident is None else f", top-1 {ident['top1']:.2f} (chance {ident['chance']:.2f})"
                     print(
-                        f"[attack] B={b} {label:16s} body SSIM {mean['body_ssim']:.3f} (best trivial {best_name} "
-                        f"{best_val:.3f}), PSNR {mean['psnr']:.1f} dB, {run_mode}, {seconds:.1f} s",
+                        f"[attack] B={b} {label:16s} aligned body SSIM {mean['aligned_body_ssim']:.3f} (best "
+                        f"trivial {best_al_name} {best_al_val:.3f}), NCC {mean['ncc']:.2f}{top1}, "
+                        f"PSNR {mean['psnr']:.1f} dB, {run_mode}, {seconds:.1f} s",
                         flush=True,
                     )
             if out_dir is not None:
@@ -399,17 +506,21 @@ def run_attack_experiment(
                 "pretrain_steps": pretrain_steps if model is None or isinstance(model, str) else None,
                 "local_steps": local_steps,
                 "local_lr": local_lr,
+                "local_optimizer": local_optimizer,
+                "batches": batches,
                 "steps": steps,
                 "known_mask": known_mask,
                 "mode": mode,
                 "references": references if ref_x is not None else 0,
                 "top_k": top_k,
+                "pool_size": pool_size,
                 "attack": cfg,
                 "seed": seed,
                 "threads": torch.get_num_threads(),
             },
             "runs": runs,
             "trivial": trivial_all,
+            "trivial_identification": trivial_id,
             "pngs": pngs,
             "shared_by": shared_by,
             "seconds": time.perf_counter() - start,

@@ -66,6 +66,21 @@ def layer_weights_geometric(names: Sequence[str], decay: float) -> dict[str, flo
     return {n: float(decay**i) for i, n in enumerate(names)}
 
 
+def _resolve_layer_weights(
+    layer_weights: Mapping[str, float] | str | None, names: Sequence[str], target: Sequence[torch.Tensor]
+) -> Mapping[str, float]:
+    """``"inverse_norm"``: w_l = 1 / ||g_l|| of the shared gradient (every layer's direction counts
+    about equally in the one cosine, not just the first block's large-norm layers); a mapping as
+    given; None: all 1."""
+    if layer_weights is None:
+        return {}
+    if isinstance(layer_weights, str):
+        if layer_weights != "inverse_norm":
+            raise ValueError(f"layer_weights must be a mapping, None or 'inverse_norm', got {layer_weights!r}")
+        return {n: 1.0 / (float(t.norm()) + 1e-12) for n, t in zip(names, target, strict=True)}
+    return layer_weights
+
+
 @dataclass
 class InversionResult:
     """Output of :func:`invert_gradients`.
@@ -149,6 +164,7 @@ def simulate_update(
     max_grad_norm: float | None = None,
     criterion: Criterion = soft_dice_ce,
     create_graph: bool = True,
+    local_optimizer: Literal["sgd", "adam"] = "sgd",
 ) -> dict[str, torch.Tensor]:
     """What a site would share for this batch: the gradient (1 step) or the SGD update (several).
 
@@ -166,10 +182,29 @@ def simulate_update(
             noise); None: plain mean gradient.
         criterion: per-sample loss ``(logits, target_probs) -> [B]``.
         create_graph: keep the graph for a backward through the result.
+        local_optimizer: ``"sgd"`` (plain) or ``"adam"`` (torch.optim.Adam's defaults: betas 0.9,
+            0.999, eps 1e-8, bias-corrected, fresh state): with Adam the result is always the update
+            ``delta``, also for one step (Adam's first step is about ``-local_lr * sign(g)``).
     Returns: name -> tensor with the parameters' shapes.
     """
     names = list(params)
     theta = dict(params)
+    if local_optimizer == "adam":
+        m = {n: torch.zeros_like(t) for n, t in theta.items()}
+        v = {n: torch.zeros_like(t) for n, t in theta.items()}
+        for k in range(1, local_steps + 1):
+            grads = _batch_gradient(model, theta, names, images, targets, max_grad_norm, criterion, create_graph)
+            new = {}
+            for n, g in zip(names, grads, strict=True):
+                m[n] = 0.9 * m[n] + 0.1 * g
+                v[n] = 0.999 * v[n] + 0.001 * g * g
+                # sqrt of v + tiny: differentiable where a gradient entry is exactly 0.
+                denom = torch.sqrt(v[n] / (1 - 0.999**k) + 1e-30) + 1e-8
+                new[n] = theta[n] - local_lr * (m[n] / (1 - 0.9**k)) / denom
+            theta = new
+        return {n: theta[n] - params[n] for n in names}
+    if local_optimizer != "sgd":
+        raise ValueError(f"local_optimizer must be 'sgd' or 'adam', got {local_optimizer!r}")
     for _ in range(local_steps):
         grads = _batch_gradient(model, theta, names, images, targets, max_grad_norm, criterion, create_graph)
         if local_steps == 1:
@@ -233,12 +268,13 @@ def gradient_distance(
     candidate: Sequence[torch.Tensor],
     target: Sequence[torch.Tensor],
     weights: Sequence[float],
-    objective: Literal["cosine", "l2"],
+    objective: Literal["cosine", "layer_cosine", "l2"],
 ) -> torch.Tensor:
     """Distance between two gradients given layer by layer.
 
     ``cosine``: 1 - <g', g>_w / (||g'||_w ||g||_w) with <a, b>_w = sum_l w_l <a_l, b_l> (one
-    cosine over all layers, Geiping et al.); ``l2``: sum_l w_l ||g'_l - g_l||^2 (DLG).
+    cosine over all layers, Geiping et al.); ``layer_cosine``: sum_l w_l (1 - cos(g'_l, g_l)) /
+    sum_l w_l (each layer's direction counts equally, whatever its norm); ``l2``: sum_l w_l ||g'_l - g_l||^2 (DLG).
     Returns a scalar tensor (differentiable in ``candidate``).
     """
     if objective == "cosine":
@@ -250,13 +286,25 @@ def gradient_distance(
             cand_sq = cand_sq + w * c.square().sum()
             targ_sq = targ_sq + w * t.square().sum()
         return 1.0 - dot / (torch.sqrt(cand_sq) * math.sqrt(float(targ_sq)) + 1e-12)
+    if objective == "layer_cosine":
+        # Mean of per-layer cosine distances: every layer counts, not just the few with the largest
+        # gradient norm (on unet_small the first block's norms dominate one global cosine yet barely
+        # tell slices apart, while the deep blocks' directions do: docs/attacks.md).
+        out, total = 0.0, 0.0
+        for c, t, w in zip(candidate, target, weights, strict=True):
+            tn = float(t.norm())
+            if w == 0 or tn == 0:
+                continue
+            out = out + w * (1.0 - (c * t).sum() / (c.norm() * tn + 1e-12))
+            total += w
+        return out / max(total, 1e-12)
     if objective == "l2":
         out = 0.0
         for c, t, w in zip(candidate, target, weights, strict=True):
             if w:
                 out = out + w * (c - t).square().sum()
         return out
-    raise ValueError(f"objective must be 'cosine' or 'l2', got {objective!r}")
+    raise ValueError(f"objective must be 'cosine', 'layer_cosine' or 'l2', got {objective!r}")
 
 
 @torch.no_grad()
@@ -272,9 +320,10 @@ def rank_references(
     local_steps: int = 1,
     local_lr: float = 1.0,
     max_grad_norm: float | None = None,
-    objective: Literal["cosine", "l2"] = "cosine",
-    layer_weights: Mapping[str, float] | None = None,
+    objective: Literal["cosine", "layer_cosine", "l2"] = "cosine",
+    layer_weights: Mapping[str, float] | str | None = None,
     criterion: Criterion = soft_dice_ce,
+    local_optimizer: Literal["sgd", "adam"] = "sgd",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient-guided retrieval: scores every reference image as the one image behind ``shared``.
 
@@ -291,11 +340,12 @@ def rank_references(
     """
     params = _trainable(model, global_state)
     names = list(params)
-    if shared_kind == "update" and local_steps == 1:
+    unroll = shared_kind == "update" and (local_steps > 1 or local_optimizer != "sgd")
+    if shared_kind == "update" and not unroll:
         target = [-shared[n].detach().float() / local_lr for n in names]
     else:
         target = [shared[n].detach().float() for n in names]
-    lw = layer_weights or {}
+    lw = _resolve_layer_weights(layer_weights, names, target)
     weights = [float(lw.get(n, 1.0)) for n in names]
     probs = F.one_hot(masks.reshape(1, *references.shape[-2:]).long(), num_classes).movedim(-1, 1).float()
     dists = torch.empty(references.shape[0])
@@ -306,11 +356,12 @@ def rank_references(
                 params,
                 references[i : i + 1].float(),
                 probs,
-                local_steps=local_steps if shared_kind == "update" else 1,
+                local_steps=local_steps if unroll else 1,
                 local_lr=local_lr,
                 max_grad_norm=max_grad_norm,
                 criterion=criterion,
-                create_graph=local_steps > 1,
+                create_graph=unroll,
+                local_optimizer=local_optimizer if unroll else "sgd",
             )
             dists[i] = float(gradient_distance([cand[n].detach() for n in names], target, weights, objective))
     return dists, dists.argsort()
@@ -329,12 +380,12 @@ def invert_gradients(
     local_steps: int = 1,
     local_lr: float = 1.0,
     max_grad_norm: float | None = None,
-    objective: Literal["cosine", "l2"] = "cosine",
+    objective: Literal["cosine", "layer_cosine", "l2"] = "cosine",
     optimizer: Literal["adam", "lbfgs"] = "adam",
     iterations: int = 1000,
     lr: float = 0.1,
     tv_weight: float = 0.1,
-    layer_weights: Mapping[str, float] | None = None,
+    layer_weights: Mapping[str, float] | str | None = "inverse_norm",
     restarts: int = 1,
     signed: bool = True,
     lr_decay: bool = True,
@@ -343,6 +394,9 @@ def invert_gradients(
     prior: PCAImagePrior | None = None,
     prior_weight: float = 0.0,
     noise_std: float = 0.0,
+    intensity: tuple[float, float] | None = None,
+    downsample: int = 1,
+    local_optimizer: Literal["sgd", "adam"] = "sgd",
     seed: int = 0,
     log_every: int = 100,
     callback: Callable[[int, int, float], None] | None = None,
@@ -370,7 +424,10 @@ def invert_gradients(
         iterations: optimisation steps per restart (L-BFGS: outer steps of up to 20 evaluations).
         lr: initial step size (Adam: about 0.1 for signed steps in [0, 1] images).
         tv_weight: weight of the total-variation prior on the image.
-        layer_weights: name -> weight of each layer's term (missing names weigh 1; 0 drops it).
+        layer_weights: name -> weight of each layer's term (missing names weigh 1; 0 drops it);
+            ``"inverse_norm"`` (the default): 1 / ||g_l|| of the shared gradient per layer, so the
+            one cosine is not decided by the first block's few large-norm layers, which barely tell
+            slices apart on unet_small (docs/attacks.md); None: all 1 (Geiping et al.'s plain cosine).
         restarts: independent random starts; the one with the lowest final objective is kept.
         signed: Adam sees sign(gradient) (Geiping et al.); False: raw gradients.
         lr_decay: multiply the learning rate by 0.1 at 3/8, 5/8 and 7/8 of the iterations.
@@ -403,13 +460,13 @@ def invert_gradients(
     params = {n: params[n] for n in names}
     # What is compared: a gradient (one step, cosine is scale-free; the L2 objective needs the true
     # scale, hence -delta / lr) or the unrolled multi-step update.
-    if shared_kind == "update" and local_steps == 1:
+    if shared_kind == "update" and local_steps == 1 and local_optimizer == "sgd":
         target = [-shared[n].detach().float() / local_lr for n in names]
         unroll = False
     else:
         target = [shared[n].detach().float() for n in names]
         unroll = shared_kind == "update"
-    lw = layer_weights or {}
+    lw = _resolve_layer_weights(layer_weights, names, target)
     weights = [float(lw.get(n, 1.0)) for n in names]
     dev = target[0].device
     known = masks is not None
@@ -423,12 +480,15 @@ def invert_gradients(
     losses = []
     for r in range(restarts):
         gen = torch.Generator().manual_seed(1_000_003 * (seed + 1) + r)
-        shape = (num_images, *image_shape)
+        shape = (num_images, image_shape[0], *(s // downsample for s in image_shape[1:]))
         if prior is not None:
             z = (0.0 if r == 0 else 0.5) * torch.randn(num_images, prior.components, generator=gen)
             x = z.to(dev).requires_grad_(True)  # the optimised variable; images are decode(z)
         elif isinstance(init, torch.Tensor):
-            x0 = init.detach().float().expand(shape) + (0.05 * torch.randn(shape, generator=gen) if r else 0.0)
+            x0 = init.detach().float()
+            if downsample > 1:
+                x0 = F.avg_pool2d(x0, downsample)
+            x0 = x0.expand(shape) + (0.05 * torch.randn(shape, generator=gen) if r else 0.0)
             x = x0.clamp(0, 1).to(dev).requires_grad_(True)
         elif init == "grey":
             x = (0.5 + 0.05 * torch.randn(shape, generator=gen)).clamp(0, 1).to(dev).requires_grad_(True)
@@ -441,7 +501,19 @@ def invert_gradients(
             variables.append(logits)
 
         def to_images(v=x):
-            return prior.decode(v).clamp(0, 1) if prior is not None else v
+            if downsample > 1:
+                # A coarse search grid: fewer unknowns than the gradient's effective rank, and none in the
+                # high frequencies the gradient cannot pin down (the scanner noise).
+                v = F.interpolate(v, scale_factor=downsample, mode="bilinear", align_corners=False)
+            if prior is not None:
+                return prior.decode(v).clamp(0, 1)
+            if intensity is not None:
+                # Fixed intensity scale: the gradient cannot see x -> a x, so the search may not move
+                # along it (TV would shrink contrast to grey for free); mean and std come from public CT.
+                c = v - v.mean((1, 2, 3), keepdim=True)
+                c = c / (c.square().mean((1, 2, 3), keepdim=True).sqrt() + 1e-8)
+                return (intensity[0] + intensity[1] * c).clamp(0, 1)
+            return v
 
         def objective_fn(x=x, variables=variables):
             probs = mask_probs if known else variables[1].softmax(1)
@@ -456,6 +528,7 @@ def invert_gradients(
                 local_lr=local_lr,
                 max_grad_norm=max_grad_norm,
                 criterion=criterion,
+                local_optimizer=local_optimizer if unroll else "sgd",
             )
             out = gradient_distance([cand[n] for n in names], target, weights, objective)
             if tv_weight:
@@ -478,7 +551,7 @@ def invert_gradients(
                         v.grad.sign_()
                 opt.step()
                 sched.step()
-                if prior is None:
+                if prior is None and intensity is None:
                     with torch.no_grad():
                         x.clamp_(0, 1)
                 if it % log_every == 0 or it == iterations - 1:

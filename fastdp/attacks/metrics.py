@@ -67,13 +67,16 @@ def reconstruction_metrics(
         recon, truth: images [B, 1, H, W] in [0, 1], in the same order.
         mask_probs: reconstructed mask probabilities [B, K, H, W] (when the mask was optimised).
         masks: true masks [B, H, W] (needed for ``mask_dice``).
-    Returns: {"body_ssim", "ssim", "psnr" (dB), "mse", and "mask_dice" if both masks given} -> [B] lists.
+    Returns: {"body_ssim", "ssim", "psnr" (dB), "mse", the scale-fair "aligned_body_ssim",
+        "aligned_psnr" and "ncc" (:func:`aligned_metrics`), and "mask_dice" if both masks given}
+        -> [B] lists.
     """
     out = {
         "body_ssim": body_ssim(recon, truth).tolist(),
         "ssim": ssim_per_sample(recon, truth).tolist(),
         "psnr": psnr_per_sample(recon, truth).tolist(),
         "mse": mse_per_sample(recon, truth).tolist(),
+        **aligned_metrics(recon, truth),
     }
     if mask_probs is not None and masks is not None:
         out["mask_dice"] = dice_per_sample(mask_probs, masks, num_classes=mask_probs.shape[1]).tolist()
@@ -139,3 +142,126 @@ def best_trivial(trivial: dict[str, dict[str, list[float]]], metric: str = "body
     scores = {k: sum(v[metric]) / len(v[metric]) for k, v in trivial.items()}
     name = max(scores, key=lambda k: sign * scores[k])
     return name, scores[name]
+
+
+# ---- scale-fair scoring: affine alignment, NCC, identification --------------------------------
+#
+# A network whose gradient cannot see intensity scale (GroupNorm after a bias-free first
+# convolution) leaks the image only up to r -> a r + b. Scoring the raw reconstruction would
+# measure the prior's guess of brightness, not the leak, so the attack and every trivial guess
+# get the same best affine fit to the truth before SSIM and PSNR.
+
+
+@torch.no_grad()
+def affine_align(recon: torch.Tensor, truth: torch.Tensor, body: torch.Tensor | None = None) -> torch.Tensor:
+    """Best fit ``a * recon + b`` (a >= 0, least squares over body pixels), clamped to [0, 1].
+
+    Args:
+        recon, truth: [B, 1, H, W]; body: bool [B, 1, H, W] (default :func:`body_mask` of ``truth``).
+    Returns: [B, 1, H, W]. The fit is computed over the body and applied to the whole image. A
+    constant ``recon`` (or one anti-correlated with the truth) gets a = 0 and becomes the truth's
+    body mean; a two-level image (a filled mask) becomes the best two-level image of that shape.
+    """
+    body = body_mask(truth) if body is None else body
+    w = body.float()
+    n = w.flatten(1).sum(1).clamp(min=1)[:, None, None, None]
+    r, t = recon.float(), truth.float()
+    rm = (r * w).flatten(1).sum(1)[:, None, None, None] / n
+    tm = (t * w).flatten(1).sum(1)[:, None, None, None] / n
+    cov = ((r - rm) * (t - tm) * w).flatten(1).sum(1)[:, None, None, None]
+    var = ((r - rm).square() * w).flatten(1).sum(1)[:, None, None, None]
+    a = torch.where(var > 1e-12, cov / var.clamp(min=1e-12), torch.zeros_like(var)).clamp(min=0)
+    return (a * (r - rm) + tm).clamp(0, 1)
+
+
+@torch.no_grad()
+def body_ncc(x: torch.Tensor, y: torch.Tensor, body: torch.Tensor | None = None) -> torch.Tensor:
+    """Pearson correlation of x and y over body pixels: [B, 1, H, W] x2 -> [B] in [-1, 1].
+
+    Invariant to any affine change of either image with a positive scale; a constant image scores 0.
+    ``body`` defaults to :func:`body_mask` of ``y``.
+    """
+    body = body_mask(y) if body is None else body
+    w = body.float().flatten(1)
+    n = w.sum(1).clamp(min=1)
+    xf, yf = x.float().flatten(1), y.float().flatten(1)
+    xc = xf - (xf * w).sum(1, keepdim=True) / n[:, None]
+    yc = yf - (yf * w).sum(1, keepdim=True) / n[:, None]
+    num = (xc * yc * w).sum(1)
+    vx, vy = (xc.square() * w).sum(1), (yc.square() * w).sum(1)
+    # A constant image (up to float rounding of its mean) has no correlation with anything.
+    flat = (vx / n < 1e-10) | (vy / n < 1e-10)
+    den = torch.sqrt(vx * vy).clamp(min=1e-30)
+    return torch.where(flat, torch.zeros_like(num), num / den)
+
+
+@torch.no_grad()
+def aligned_metrics(recon: torch.Tensor, truth: torch.Tensor) -> dict[str, list[float]]:
+    """Scale-fair metrics: ``aligned_body_ssim``, ``aligned_psnr`` (dB) after :func:`affine_align`,
+    and ``ncc`` (:func:`body_ncc`). recon, truth [B, 1, H, W] -> name -> [B] lists."""
+    al = affine_align(recon, truth)
+    return {
+        "aligned_body_ssim": body_ssim(al, truth).tolist(),
+        "aligned_psnr": psnr_per_sample(al, truth).tolist(),
+        "ncc": body_ncc(recon, truth).tolist(),
+    }
+
+
+def similar_mask_pool(
+    masks: torch.Tensor, pool_masks: torch.Tensor, size: int = 20, exclude: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Indices of the ``size`` pool slices whose organ masks best match each mask (Dice).
+
+    Identification among these cannot succeed from the labels alone: the distractors have the
+    attacked slice's mask shape, so a reconstruction that is only its mask ranks the truth near
+    chance. Args: masks [B, H, W]; pool_masks [N, H, W]; exclude: bool [B, N] entries never chosen
+    (e.g. the same patient). Returns: [B, size] int64.
+    """
+    tm = masks.reshape(masks.shape[0], -1).float()
+    pm = pool_masks.reshape(pool_masks.shape[0], -1).float()
+    dice = 2 * (tm @ pm.T) / (tm.sum(1, keepdim=True) + pm.sum(1)[None]).clamp(min=1)
+    if exclude is not None:
+        dice = dice.masked_fill(exclude, -1.0)
+    if size > pm.shape[0]:
+        raise ValueError(f"pool of {pm.shape[0]} slices is smaller than size={size}")
+    return dice.topk(size, dim=1).indices
+
+
+@torch.no_grad()
+def identification_ranks(recon: torch.Tensor, truth: torch.Tensor, distractors: torch.Tensor) -> list[int]:
+    """Rank of the true slice among itself and its distractors by NCC to the reconstruction.
+
+    Each candidate c (the truth and every distractor) is scored by :func:`body_ncc` of the
+    reconstruction with c over c's own body; rank 0 means the truth scored highest (top-1
+    identification). Ties count against the attack (the truth is ranked below equal scores).
+
+    Args:
+        recon, truth: [B, 1, H, W]; distractors: [B, P, 1, H, W] (other patients' slices).
+    Returns: [B] ranks in 0..P (chance of rank 0 is 1 / (P + 1)).
+    """
+    ranks = []
+    for i in range(recon.shape[0]):
+        cands = torch.cat([truth[i : i + 1], distractors[i]], 0)  # [P + 1, 1, H, W]
+        s = body_ncc(recon[i : i + 1].expand_as(cands), cands)
+        ranks.append(int((s[1:] >= s[0]).sum()))
+    return ranks
+
+
+def identification_summary(ranks: list[int], pool_size: int, alpha: float = 0.05) -> dict[str, float]:
+    """Top-1 rate of :func:`identification_ranks` with its Clopper-Pearson (1 - alpha) interval.
+
+    ``pool_size`` is the number of distractors P; ``chance`` = 1 / (P + 1).
+    Returns: {"top1", "top1_low", "top1_high", "chance", "mean_rank", "n"}.
+    """
+    from fastdp.attacks.audit import clopper_pearson
+
+    k, n = sum(r == 0 for r in ranks), len(ranks)
+    lo, hi = clopper_pearson(k, n, alpha)
+    return {
+        "top1": k / n,
+        "top1_low": lo,
+        "top1_high": hi,
+        "chance": 1.0 / (pool_size + 1),
+        "mean_rank": sum(ranks) / n,
+        "n": n,
+    }

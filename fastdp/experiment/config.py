@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 MODES = ("centralised", "nonprivate", "dp")
-MODEL_NAMES = ("unet_small", "unet_paper", "monai_unet", "monai_basic_unet")
+MODEL_NAMES = ("unet_tiny", "unet_small", "unet_paper", "monai_unet", "monai_basic_unet")
 STRATEGIES = ("fedavg", "fedprox", "dp-fedavg")
 BACKENDS = ("simulation", "flower")
 _PHANTOM_SITE = re.compile(r"^site_(?:[a-c]|\d+)$")
@@ -82,7 +82,7 @@ class DataConfig:
     msd_organ_margin: int | None = None
     image_size: int = 64
     sites: list[str] = field(default_factory=lambda: ["site_a", "site_b", "site_c"])
-    slices_per_site: int = 600
+    slices_per_site: int = 4800
     val_slices_per_site: int = 48
     test_slices: int = 192
     test_site: str | None = None
@@ -132,7 +132,7 @@ class DataConfig:
 class ModelConfig:
     """The segmentation network: a name from :func:`fastdp.models.build_model` and its kwargs."""
 
-    name: str = "unet_small"
+    name: str = "unet_tiny"
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, p: str) -> None:
@@ -165,9 +165,9 @@ class FederatedConfig:
     """
 
     rounds: int = 10
-    local_steps: int = 10
+    local_steps: int = 20
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 1e-2
     optimizer: str = "adam"
     sites_per_round: int | None = None
     strategy: str = "fedavg"
@@ -275,22 +275,38 @@ class AttackConfig:
         target: the model whose update is attacked: "round1" (the initial global model the
             server sends in round 1: the update the server sees first, and the easiest to invert,
             see docs/attacks.md) or "final" (the final non-private global model).
+        update: what the attacked site computes: "sgd_step" (one plain-SGD step at lr 0.1 on the
+            batch: the attacker's best case, docs/attacks.md) or "federated" (the run's own local
+            training: federated.optimizer, federated.local_steps and federated.lr, unrolled by the
+            attack; the demo's is Adam, 20 steps, and costs about local_steps times more per step).
+        batches: disjoint batches attacked per batch size (each its own update; metrics pool them).
+        pool_size: identification: other patients' slices with similar masks the true slice is
+            ranked among (0: off).
     """
 
     enabled: bool = True
     site: str | None = None
-    steps: int = 300
+    # The defaults are the demo's (configs/demo.toml): the recipe of docs/attacks.md (issue 15).
+    steps: int = 100
     lr: float = 0.1
-    tv_weight: float = 0.5
+    tv_weight: float = 0.1
     restarts: int = 1
     batch_sizes: list[int] = field(default_factory=lambda: [1])
     sigmas: list[float] = field(default_factory=list)
     known_mask: bool = True
     target: str = "round1"
+    update: str = "sgd_step"
+    batches: int = 4
+    pool_size: int = 20
 
     def validate(self, p: str) -> None:
         _check(f"{p}.target", self.target in ("round1", "final"), "must be 'round1' or 'final'", self.target)
+        ok = self.update in ("sgd_step", "federated")
+        _check(f"{p}.update", ok, "must be 'sgd_step' or 'federated'", self.update)
         _positive_int(f"{p}.steps", self.steps)
+        _positive_int(f"{p}.batches", self.batches)
+        ok = isinstance(self.pool_size, int) and not isinstance(self.pool_size, bool) and self.pool_size >= 0
+        _check(f"{p}.pool_size", ok, "must be an integer >= 0", self.pool_size)
         _positive_float(f"{p}.lr", self.lr)
         _non_negative_float(f"{p}.tv_weight", self.tv_weight)
         _positive_int(f"{p}.restarts", self.restarts)

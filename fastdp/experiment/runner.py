@@ -134,6 +134,8 @@ def run_attack(
     global model of the runs, i.e. what every site receives in round 1, seeded by cfg.seed).
     Calls ``fastdp.attacks.run_attack_experiment`` and writes its result dict (metrics table,
     reconstruction-grid PNG paths) to ``run_dir/attack/attack.json``; returns that dict.
+    ``cfg.attack.update = "federated"`` attacks the run's own local training (optimizer, local
+    steps, lr) instead of one SGD step; identification uses phantom distractors (image side >= 64).
     """
     make_model = model_factory(cfg)
     model = make_model()
@@ -147,7 +149,7 @@ def run_attack(
         model.load_state_dict(initial_global_state(make_model, cfg.seed))
     site = cfg.attack.site or cfg.data.sites[0]
     train = data.train[site]
-    n = max(cfg.attack.batch_sizes)
+    n = max(cfg.attack.batch_sizes) * cfg.attack.batches
     # A fixed, seeded choice of slices: the non-private and the DP attack see the same ones.
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[:n].tolist()
     images = torch.stack([train[i][0] for i in idx])
@@ -156,6 +158,14 @@ def run_attack(
     if "dp" in cfg.modes:
         sigmas.append(planned_noise_multiplier(cfg, len(train)))
     sigmas += [s for s in cfg.attack.sigmas if s not in sigmas]
+    # The attacked site's local training: one SGD step (the attacker's best case) or the run's own.
+    local = {"local_steps": 1, "local_lr": 0.1, "local_optimizer": "sgd"}
+    if cfg.attack.update == "federated":
+        local = {
+            "local_steps": cfg.federated.local_steps,
+            "local_lr": cfg.federated.lr,
+            "local_optimizer": cfg.federated.optimizer,
+        }
     out = run_dir / "attack"
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -172,9 +182,16 @@ def run_attack(
             tv_weight=cfg.attack.tv_weight,
             restarts=cfg.attack.restarts,
             known_mask=cfg.attack.known_mask,
+            batches=cfg.attack.batches,
+            # Distractors are phantom slices of other patients: meaningful for phantom data only.
+            pool_size=cfg.attack.pool_size if cfg.data.source == "phantom" and cfg.data.image_size >= 64 else 0,
+            pool_candidates=400,
+            **local,
             seed=cfg.seed,
             out_dir=out,
-            threads=cfg.threads,
+            # One thread: the attack's many small double-backward passes run several times faster
+            # than on two threads of a shared CPU (docs/attacks.md), whatever the training used.
+            threads=1,
             progress=progress,
         )
     )

@@ -17,6 +17,7 @@ from fastdp.models.unet import (
     monai_unet,
     unet_paper,
     unet_small,
+    unet_tiny,
 )
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "ssim_per_sample",
     "unet_paper",
     "unet_small",
+    "unet_tiny",
 ]

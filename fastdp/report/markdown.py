@@ -174,7 +174,10 @@ def attack_metric_rows(attack: dict) -> list[dict]:
     """The attack's metrics as flat table rows: ``metrics`` as given, or one row per entry of ``runs``.
 
     A ``runs`` entry (fastdp.attacks' experiment) gives batch size, sigma ("—" = non-private),
-    the single update's epsilon, its mean metrics, the best trivial guess and the margin over it.
+    the single update's epsilon, its mean metrics, the best trivial guess and the margin over it;
+    when present also the scale-fair numbers next to each other: aligned body SSIM, the best
+    aligned trivial guess and the margin over it, NCC, and top-1 identification (by NCC to the
+    reconstruction, and by the update itself) with its chance rate.
     """
     metrics = attack.get("metrics")
     if isinstance(metrics, dict):
@@ -191,9 +194,19 @@ def attack_metric_rows(attack: dict) -> list[dict]:
         if isinstance(best, dict):
             row["best trivial guess"] = best.get("name")
             row["its body_ssim"] = best.get("body_ssim")
-        # The margin over the trivial guess is the number to read: keep it last.
-        if "margin_body_ssim" in row:
-            row["margin_body_ssim"] = row.pop("margin_body_ssim")
+        best_al = run.get("best_trivial_aligned")
+        if isinstance(best_al, dict):
+            row["best aligned trivial"] = best_al.get("name")
+            row["its aligned_body_ssim"] = best_al.get("aligned_body_ssim")
+        for key, label in (("identification", "top-1 (NCC)"), ("gradient_identification", "top-1 (update)")):
+            ident = run.get(key)
+            if isinstance(ident, dict) and "top1" in ident:
+                row[label] = f"{ident['top1']:.2f} [{ident.get('top1_low', 0):.2f}, {ident.get('top1_high', 1):.2f}]"
+                row["chance"] = ident.get("chance")
+        # The margins over the trivial guesses are the numbers to read: keep them last.
+        for key in ("margin_body_ssim", "margin_aligned_body_ssim"):
+            if key in row:
+                row[key] = row.pop(key)
         rows.append(row)
     return rows
 
@@ -213,6 +226,13 @@ def _attack_section(attack: dict, bases: list[Path], run_dir: Path, plots_dir: P
         else:
             rel = Path(os.path.relpath(img, report_dir)).as_posix()
             out += [f"![attack reconstructions]({rel})", ""]
+    if attack.get("runs"):
+        out += [
+            "Aligned metrics fit r' = a r + b (a >= 0) over the body before SSIM/PSNR, for the attack and the "
+            "trivial guesses alike (a GroupNorm U-Net's gradient cannot see intensity scale); identification ranks "
+            "the true slice among other patients' slices with similar masks (docs/attacks.md).",
+            "",
+        ]
     skip = {"metrics", "runs", "grid", "grids", "pngs", "error", "traceback"}
     for key, value in attack.items():
         if key in skip:

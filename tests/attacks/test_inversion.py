@@ -183,3 +183,32 @@ def test_noise_std_attack_returns_clean_images_in_the_box():
     res = invert_gradients(model, g, image_shape=(1, H, W), masks=m, iterations=100, noise_std=0.02, tv_weight=0)
     assert res.images.min() >= 0 and res.images.max() <= 1
     assert (res.images - x).square().mean().item() < 0.02  # still close: a small noise does not derail it
+
+
+def test_simulated_adam_update_matches_a_federated_adam_site():
+    from fastdp.attacks.experiment import federated_site_update
+
+    torch.manual_seed(0)
+    model = TinyConv()
+    x, m = _batch(2)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    d = federated_site_update(model, x, m, lr=0.01, local_steps=3, optimizer="adam")
+    s = simulate_update(model, params, x, _onehot(m), local_steps=3, local_lr=0.01, local_optimizer="adam")
+    for n in params:
+        torch.testing.assert_close(d[n], s[n].detach(), rtol=1e-4, atol=1e-7)
+    # Adam's first step is about -lr * sign(g): a one-step Adam update is not -lr * gradient.
+    d1 = simulate_update(model, params, x, _onehot(m), local_lr=0.01, local_optimizer="adam", create_graph=False)
+    g = simulate_update(model, params, x, _onehot(m), create_graph=False)
+    n = "c1.weight"
+    big = g[n].abs() > 1e-4  # where |g| is near Adam's eps the step is smaller than lr
+    torch.testing.assert_close(d1[n][big], -0.01 * torch.sign(g[n][big]), rtol=1e-3, atol=1e-6)
+
+
+def test_inverse_norm_layer_weights_equalise_layers():
+    from fastdp.attacks.inversion import _resolve_layer_weights
+
+    t = [torch.full((4,), 3.0), torch.full((1,), 0.5)]
+    w = _resolve_layer_weights("inverse_norm", ["a", "b"], t)
+    assert w["a"] == pytest.approx(1 / 6) and w["b"] == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        _resolve_layer_weights("nope", ["a", "b"], t)

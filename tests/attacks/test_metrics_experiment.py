@@ -59,7 +59,15 @@ def test_run_attack_experiment_end_to_end_on_a_tiny_net(tmp_path):
     images = torch.rand(2, 1, 16, 16, generator=g)
     masks = (images[:, 0] > 0.6).long()
     res = run_attack_experiment(
-        model, images, masks, out_dir=tmp_path, batch_sizes=(1, 2), sigmas=(0.0, 1.0), steps=3, progress=False
+        model,
+        images,
+        masks,
+        out_dir=tmp_path,
+        batch_sizes=(1, 2),
+        sigmas=(0.0, 1.0),
+        steps=3,
+        progress=False,
+        pool_size=0,
     )
     assert [(r["batch_size"], r["sigma"]) for r in res["runs"]] == [(1, None), (1, 1.0), (2, None), (2, 1.0)]
     for r in res["runs"]:
@@ -69,3 +77,29 @@ def test_run_attack_experiment_end_to_end_on_a_tiny_net(tmp_path):
     assert all((tmp_path / f"attack_B{b}.png").stat().st_size > 1000 for b in (1, 2))
     saved = json.loads((tmp_path / "attack_results.json").read_text())
     assert saved["runs"][0]["mean"]["psnr"] == pytest.approx(res["runs"][0]["mean"]["psnr"])
+
+
+def test_run_attack_experiment_scores_aligned_metrics_and_identification():
+    torch.manual_seed(0)
+    res = run_attack_experiment(
+        UNet(base_channels=2, depth=1),
+        out_dir=None,
+        batch_sizes=(1,),
+        sigmas=(1.0,),
+        steps=2,
+        pool_size=3,
+        pool_candidates=8,
+        progress=False,
+    )
+    for r in res["runs"]:
+        assert set(r["mean"]) >= {"aligned_body_ssim", "aligned_psnr", "ncc"}
+        assert r["margin_aligned_body_ssim"] == pytest.approx(
+            r["mean"]["aligned_body_ssim"] - r["best_trivial_aligned"]["aligned_body_ssim"]
+        )
+        ident = r["identification"]
+        assert ident["chance"] == pytest.approx(0.25) and len(ident["ranks"]) == 1 and 0 <= ident["ranks"][0] <= 3
+        assert 0 <= r["gradient_identification"]["ranks"][0] <= 3
+    # Trivial guesses are scored the same way; a constant ties with every candidate (rank 3).
+    triv = res["trivial_identification"]["1"]
+    assert triv["grey"]["mean_rank"] == 3 and triv["grey"]["top1"] == 0
+    assert "aligned_body_ssim" in res["trivial"]["1"]["mask_mean"]

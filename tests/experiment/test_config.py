@@ -21,7 +21,7 @@ def _write(tmp_path: Path, text: str, name: str = "c.toml") -> Path:
 def test_defaults_are_the_demo():
     cfg = ExperimentConfig().validate()
     assert cfg.data.source == "phantom" and cfg.data.sites == ["site_a", "site_b", "site_c"]
-    assert cfg.data.image_size == 64 and cfg.model.name == "unet_small"
+    assert cfg.data.image_size == 64 and cfg.model.name == "unet_tiny"
     assert cfg.modes == ["nonprivate", "dp"]
     assert cfg.dp.target_epsilon == 8.0 and cfg.dp.delta == 1e-5 and cfg.dp.noise_multiplier is None
     assert cfg.attack.enabled
@@ -129,6 +129,7 @@ def test_model_names_build():
 
     # Every name the config accepts is one build_model knows (tiny widths: this checks names, not models).
     tiny = {
+        "unet_tiny": {"base_channels": 2},
         "unet_small": {"base_channels": 2},
         "unet_paper": {"base_channels": 2},
         "monai_unet": {"channels": (2, 4), "num_groups": 1},

@@ -79,7 +79,7 @@ def test_resume_is_refused_when_the_config_changed(tmp_path):
     (tmp_path / "config.toml").write_text(cfg.to_toml())
     (tmp_path / "nonprivate" / "checkpoints").mkdir(parents=True)
     _prepare_run_dir(cfg, tmp_path, fresh=False)  # same config: resuming is fine
-    changed = cfg.replace(**{"federated.lr": 0.01})
+    changed = cfg.replace(**{"federated.lr": 0.02})
     with pytest.raises(ConfigError, match="--fresh"):
         _prepare_run_dir(changed, tmp_path, fresh=False)
     _prepare_run_dir(changed, tmp_path, fresh=True)

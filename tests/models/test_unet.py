@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from fastdp.models import UNet, build_model, count_parameters, unet_paper, unet_small
+from fastdp.models.unet import unet_tiny
 
 _ALLOWED = (
     nn.Conv2d,
@@ -28,6 +29,15 @@ def test_small_unet_shapes_and_size(size):
     out = model(torch.rand(2, 1, size, size))
     assert out.shape == (2, 2, size, size)
     assert 100_000 <= count_parameters(model) <= 500_000
+
+
+def test_tiny_unet_is_a_quarter_of_small():
+    # Half the channels at every level: about a quarter of the weights (the demo's DP model).
+    tiny = unet_tiny()
+    assert tiny(torch.rand(2, 1, 64, 64)).shape == (2, 2, 64, 64)
+    assert 100_000 <= count_parameters(tiny) <= 150_000
+    assert 0.2 < count_parameters(tiny) / count_parameters(unet_small()) < 0.3
+    assert type(build_model("unet_tiny")) is UNet
 
 
 @pytest.mark.parametrize("up", ["transpose", "upsample"])
