@@ -103,8 +103,8 @@ def _phase_rows(summaries: list[ModeSummary]) -> list[dict]:
 
 
 def _fairness_rows(summaries: list[ModeSummary]) -> list[dict]:
-    """Per run: each site's val / test Dice, the spread of test Dice over sites and the largest
-    drop against the non-private run (which site a DP model serves worst)."""
+    """Per run: each site's val / test Dice, the spread of test Dice over sites and, for a DP run,
+    the largest drop against the non-private FL run (which site a DP model serves worst)."""
     base = next((s for s in summaries if s.label == "nonprivate"), None)
     sites = list(dict.fromkeys(k for s in summaries for k in [*s.site_val_dice, *s.site_test_dice]))
     rows = []
@@ -117,7 +117,7 @@ def _fairness_rows(summaries: list[ModeSummary]) -> list[dict]:
         drops = {
             site: base.site_test_dice[site] - v
             for site, v in s.site_test_dice.items()
-            if base is not None and s is not base and v is not None and base.site_test_dice.get(site) is not None
+            if base is not None and s.is_private and v is not None and base.site_test_dice.get(site) is not None
         }
         if drops:
             worst = max(drops, key=drops.get)
