@@ -14,6 +14,13 @@ from collections.abc import Callable
 
 import torch
 
+from fastdp.engine import host_allocator
+
+# fastdp's PrivateModule sets the process's malloc thresholds (fastdp.engine.host_allocator); set
+# them here for every mode and every memory subprocess, so that non-private, fastdp and Opacus
+# steps run under the same allocator (FASTDP_HOST_ALLOCATOR=default leaves glibc's for all).
+host_allocator.tune()
+
 
 def machine_info(device: str) -> dict:
     """A short description of where the numbers were measured."""
@@ -24,6 +31,7 @@ def machine_info(device: str) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": device,
+        "host_allocator": "fastdp (glibc thresholds set)" if host_allocator.is_tuned() else "default",
     }
     try:
         with open("/proc/cpuinfo") as f:
@@ -153,7 +161,7 @@ def describe_machine(info: dict) -> str:
     where = f"{info['cpu']}, {info['cpu_count']} cores, {info['torch_threads']} torch threads"
     if info.get("gpu"):
         where = f"{info['gpu']} (host: {where})"
-    return f"{where}; torch {info['torch']}, Python {info['python']}"
+    return f"{where}; torch {info['torch']}, Python {info['python']}; malloc: {info.get('host_allocator', 'default')}"
 
 
 def run_memory_worker(cmd: list[str], what: str, timeout: float) -> float | None:

@@ -35,6 +35,7 @@ import torch
 
 from fastdp.atomic import atomic_torch_save, atomic_write_text
 from fastdp.attacks.experiment import run_attack_experiment
+from fastdp.engine import host_allocator
 from fastdp.experiment.builders import RunSpec, build_simulation, model_factory, planned_runs, resolve_device
 from fastdp.experiment.config import ConfigError, ExperimentConfig
 from fastdp.experiment.data import ExperimentData, build_data
@@ -246,6 +247,9 @@ def run_experiment(
     """
     cfg = config.validate()
     torch.set_num_threads(cfg.threads)
+    # A private run sets these when its model is made private; set them first so that every run,
+    # non-private too, trains under the same malloc settings (comparable s / round).
+    host_allocator.tune()
     run_dir = Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _prepare_run_dir(cfg, run_dir, fresh)

@@ -109,3 +109,66 @@ def test_make_private_sets_the_conv_method():
             max_grad_norm=1.0,
             conv_method="loop",
         )
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [  # (C_in, C_out, k, stride, padding, dilation, H, W)
+        (3, 5, 3, 1, 1, 1, 6, 6),
+        (4, 2, (3, 2), (2, 1), (1, 0), 1, 7, 5),
+        (2, 3, 3, 1, 2, 2, 5, 6),
+        (6, 4, 1, 1, 0, 1, 4, 4),
+    ],
+)
+def test_ghost_norms_equal_the_norms_of_formed_gradients(shape):
+    """The ghost norm <U^T U, G^T G> is the squared norm of the per-sample weight gradient G U^T
+    (float64), and the tuner's sq-norm entry point agrees with it under every mode."""
+    from fastdp.engine.rules import conv_tuner
+    from fastdp.engine.rules.conv_tuner import _ghost_sq_norms, _ps_loop
+
+    c_in, c_out, k, stride, padding, dilation, h, w_ = shape
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c_in, c_out, k, stride=stride, padding=padding, dilation=dilation).double()
+    x = torch.randn(4, c_in, h, w_, dtype=torch.float64)
+    g = torch.randn_like(conv(x))
+    s = ConvSpec(list(conv.stride), list(conv.padding), list(conv.dilation), False, [0, 0], 1)
+    formed = _ps_loop(g, x, conv.weight, s).flatten(1).pow(2).sum(1)
+    torch.testing.assert_close(_ghost_sq_norms(g, x, conv.weight, s), formed, rtol=1e-12, atol=1e-12)
+    assert _ghost_sq_norms(g, x, conv.weight, s).dtype == torch.float64
+    for mode in ("always", "never", "auto"):
+        old = conv_tuner.GHOST_NORMS
+        conv_tuner.GHOST_NORMS = mode
+        try:
+            tuner = ConvTuner("auto", table=TuningTable())
+            for _ in range(3):  # tuning calls, then the kept choice
+                got = tuner.per_sample_sq_norms(g, x, conv.weight, s, 1, 4)
+                torch.testing.assert_close(got, formed[1:], rtol=1e-12, atol=1e-12)
+        finally:
+            conv_tuner.GHOST_NORMS = old
+
+
+def test_ghost_norms_are_a_tuning_candidate_only_where_they_apply():
+    """Deep low-resolution layers time the ghost norm; transposed or grouped ones never use it,
+    and a fixed method takes it where its arithmetic is clearly smaller."""
+    from fastdp.engine.rules.conv_tuner import ghost_applies, ghost_flop_ratio
+
+    s = ConvSpec([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    x, w = torch.randn(3, 64, 4, 4), torch.randn(128, 64, 3, 3)
+    g = torch.randn(3, 128, 4, 4)
+    assert ghost_applies(x, w, s) and ghost_flop_ratio(g, w) < 0.5
+    tuner = ConvTuner("auto", table=TuningTable())
+    tuner.per_sample_sq_norms(g, x, w, s, 0, 3)
+    (trials,) = tuner.table.trials.values()
+    assert "ghost" in trials
+    assert not ghost_applies(x, w, ConvSpec([1, 1], [1, 1], [1, 1], True, [0, 0], 1))
+    assert not ghost_applies(x, torch.randn(128, 32, 3, 3), ConvSpec([1, 1], [1, 1], [1, 1], False, [0, 0], 2))
+    hi_res = torch.randn(3, 128, 32, 32)
+    assert ghost_flop_ratio(hi_res, w) > 1.0  # T = 1024 output positions: forming is cheaper
+    with pytest.raises(ValueError, match="GHOST_NORMS"):
+        from fastdp.engine.rules import conv_tuner
+
+        old, conv_tuner.GHOST_NORMS = conv_tuner.GHOST_NORMS, "sometimes"
+        try:
+            tuner.per_sample_sq_norms(g, x, w, s, 0, 3)
+        finally:
+            conv_tuner.GHOST_NORMS = old

@@ -71,6 +71,22 @@ def test_conv_deferred_path(case, monkeypatch):
     _run(make(), shape)
 
 
+GHOST_CASES = ["conv2d", "conv2d_stride_nobias", "conv2d_reflect", "conv2d_same", "conv2d_valid"]
+
+
+@pytest.mark.parametrize("ghost", ["always", "never"])
+@pytest.mark.parametrize("case", GHOST_CASES + ["conv2d_groups_dilation", "convT2d"])
+def test_conv_deferred_ghost_norms(case, ghost, monkeypatch):
+    """Large-weight path with the per-sample norms by the ghost norm (Gram matrices of the im2col
+    columns and of the output gradient; grouped and transposed convs fall back) or formed."""
+    from fastdp.engine.rules import conv_tuner
+
+    monkeypatch.setattr(base, "STORE_RATIO", 0.0)
+    monkeypatch.setattr(conv_tuner, "GHOST_NORMS", ghost)
+    make, shape = CONV_CASES[case]
+    _run(make(), shape, conv_method="grouped")
+
+
 @pytest.mark.parametrize(
     "shape",
     [(6,), (3, 6), (2, 10, 6)],  # T=1 ghost, T=3 ghost (2T^2 < pd), T=20 stored

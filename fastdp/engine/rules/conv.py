@@ -50,13 +50,14 @@ def _record_conv(call: Call, s: ConvSpec, x, g, w, b) -> None:
             grads.append(g.sum(dim=sum_dims).mul_(scale) if sum_dims else g * scale)
         call.tape.record(call.batch, Stored(params, grads))
         return
-    # Large weight, low resolution: per-sample norms without keeping per-sample gradients,
-    # clipped sum as one weight-gradient conv on c-scaled output gradients.
+    # Large weight, low resolution: per-sample norms without keeping per-sample gradients (formed
+    # chunk by chunk, or the ghost norm where that is faster), clipped sum as one weight-gradient
+    # conv on c-scaled output gradients.
     sq = torch.zeros(B, dtype=acc_dtype(w), device=w.device)
     chunk = max(1, int(base.STORE_RATIO * (x.numel() + g.numel()) // max(1, w.numel())))
     for lo in range(0, B, chunk):
         hi = min(B, lo + chunk)
-        sq[lo:hi] += acc_sq(tuner.per_sample_weight(g, x, w, s, lo, hi))
+        sq[lo:hi] += tuner.per_sample_sq_norms(g, x, w, s, lo, hi)
     sq *= scale * scale
     if b_on:
         sq += acc_sq(g.sum(dim=sum_dims) * scale)

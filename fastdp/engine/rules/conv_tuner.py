@@ -76,6 +76,52 @@ def _ps_unfold(g, x, w, s: ConvSpec) -> torch.Tensor:
 
 _PS_METHODS = {"loop": _ps_loop, "grouped": _ps_grouped, "unfold": _ps_unfold}
 
+# Per-sample squared norms of the weight gradient without forming it (the "ghost norm"):
+# "auto" (time it against the per-sample methods where its arithmetic is not larger, or, for a
+# fixed method, use it where it is clearly cheaper), "always" (wherever it applies), "never".
+# Read at call time as `conv_tuner.GHOST_NORMS`, so that tests can force either path.
+GHOST_NORMS = "auto"
+GHOST_FLOP_RATIO = 0.5  # fixed methods: ghost when its multiply-adds are at most this share of theirs
+
+
+def ghost_applies(x, w, s: ConvSpec) -> bool:
+    """Whether the ghost norm handles this convolution: 2-d, not transposed, one group, floating."""
+    return x.dim() == 4 and not s.transposed and s.groups == 1 and x.is_floating_point()
+
+
+def ghost_flop_ratio(g, w) -> float:
+    """Multiply-adds of the ghost norm over those of forming the per-sample weight gradients, per
+    sample: T^2 (K + C_out) against T K C_out, with T output positions and K = C_in * k * k."""
+    t = g[0, 0].numel() if g.shape[0] else g.shape[2:].numel()
+    k = w[0].numel()
+    return t * (k + w.shape[0]) / (k * w.shape[0])
+
+
+def _ghost_sq_norms(g, x, w, s: ConvSpec) -> torch.Tensor:
+    """[n] squared Frobenius norms of the per-sample weight gradients G_i U_i^T of a 2-d convolution,
+    as <U_i^T U_i, G_i^T G_i> (U_i: the sample's im2col columns [K, T], G_i: its output gradient
+    [C_out, T]), in float64 for float64 inputs, else float32. Cheaper than forming the gradients
+    when T (output positions) is small against C_out: deep, low-resolution layers."""
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n = x.shape[0]
+    cols = F.unfold(x.to(dt), w.shape[2:], s.dilation, s.padding, s.stride)  # [n, K, T]
+    gg = g.to(dt).reshape(n, g.shape[1], -1)  # [n, C_out, T]
+    gram_u = torch.bmm(cols.transpose(1, 2), cols)  # [n, T, T]
+    gram_g = torch.bmm(gg.transpose(1, 2), gg)
+    return (gram_u * gram_g).flatten(1).sum(1)
+
+
+def _sq_via_weights(method: str):
+    def sq(g, x, w, s: ConvSpec) -> torch.Tensor:
+        ps = _PS_METHODS[method](g, x, w, s)
+        dt = torch.float64 if ps.dtype == torch.float64 else torch.float32
+        return ps.flatten(1).to(dt).pow(2).sum(1)
+
+    return sq
+
+
+_SQ_METHODS = {**{m: _sq_via_weights(m) for m in _PS_METHODS}, "ghost": _ghost_sq_norms}
+
 
 def default_conv_method() -> str:
     """The method when none is given: $FASTDP_CONV_METHOD if set (a whole process, e.g. the Flower
@@ -154,22 +200,7 @@ class ConvTuner:
             x.dtype,
             x.device.type,
         )
-        table = self.table
-        choice = table.choices.get(key)
-        if choice is not None:
-            return _PS_METHODS[choice](g, x, w, s)
-        trials = table.trials.setdefault(key, {})
-        result = None
-        for name in self.candidates(x, w, s):
-            out, dt = self.time_method(name, g, x, w, s)
-            # per sample: the calls of one trial may have different batch sizes (within a factor 2)
-            trials[name] = min(trials.get(name, float("inf")), dt / x.shape[0])
-            result = out if result is None else result
-        table.calls[key] = table.calls.get(key, 0) + 1
-        if table.calls[key] >= self.tune_calls:
-            table.choices[key] = min(trials, key=trials.__getitem__)
-            del table.trials[key], table.calls[key]
-        return result
+        return self._tuned(key, self.candidates(x, w, s), _PS_METHODS, g, x, w, s)
 
     @staticmethod
     def candidates(x, w, s: ConvSpec) -> list[str]:
@@ -204,13 +235,64 @@ class ConvTuner:
             refs.append(ref)
         return (ref, *shape)
 
-    def time_method(self, name: str, g, x, w, s: ConvSpec) -> tuple[torch.Tensor, float]:
-        """(per-sample weight gradients by method `name`, seconds it took)."""
+    def per_sample_sq_norms(self, g, x, w, s: ConvSpec, lo: int, hi: int) -> torch.Tensor:
+        """[hi-lo] squared norms of the per-sample weight gradients of samples lo..hi-1 (float64 for
+        float64, else float32), by the ghost norm or from per-sample gradients (see GHOST_NORMS);
+        "auto" times the candidates per layer shape as per_sample_weight does. Arguments as there."""
+        if GHOST_NORMS not in ("auto", "always", "never"):
+            raise ValueError(f"GHOST_NORMS={GHOST_NORMS!r}: expected 'auto', 'always' or 'never'")
+        g, x = g[lo:hi], x[lo:hi]
+        applies = ghost_applies(x, w, s) and GHOST_NORMS != "never"
+        if applies and GHOST_NORMS == "always":
+            return _ghost_sq_norms(g, x, w, s)
+        if self.method != "auto" or x.shape[0] <= 1:
+            if applies and ghost_flop_ratio(g, w) <= GHOST_FLOP_RATIO:
+                return _ghost_sq_norms(g, x, w, s)
+            return _SQ_METHODS[self.method if self.method != "auto" else "loop"](g, x, w, s)
+        key = self._key(
+            x.shape[0],
+            "sq_norms",
+            tuple(x.shape[1:]),
+            tuple(w.shape),
+            tuple(s.stride),
+            tuple(s.padding),
+            tuple(s.dilation),
+            s.transposed,
+            s.groups,
+            x.dtype,
+            x.device.type,
+        )
+        cands = self.candidates(x, w, s) + (["ghost"] if applies and ghost_flop_ratio(g, w) <= 1.0 else [])
+        return self._tuned(key, cands, _SQ_METHODS, g, x, w, s)
+
+    def _tuned(self, key: tuple, cands: list[str], methods: dict, g, x, w, s: ConvSpec) -> torch.Tensor:
+        """methods[choice](g, x, w, s) for the kept choice of `key`, or while tuning: every candidate
+        timed (per sample), the first one's result returned, the fastest kept after tune_calls."""
+        table = self.table
+        choice = table.choices.get(key)
+        if choice is not None:
+            return methods[choice](g, x, w, s)
+        trials = table.trials.setdefault(key, {})
+        result = None
+        for name in cands:
+            out, dt = self.time_method(name, g, x, w, s, methods)
+            # per sample: the calls of one trial may have different batch sizes (within a factor 2)
+            trials[name] = min(trials.get(name, float("inf")), dt / x.shape[0])
+            result = out if result is None else result
+        table.calls[key] = table.calls.get(key, 0) + 1
+        if table.calls[key] >= self.tune_calls:
+            table.choices[key] = min(trials, key=trials.__getitem__)
+            del table.trials[key], table.calls[key]
+        return result
+
+    def time_method(self, name: str, g, x, w, s: ConvSpec, methods: dict | None = None) -> tuple[torch.Tensor, float]:
+        """(what method `name` of `methods` (default: the per-sample weight methods) gives, seconds it took)."""
+        methods = _PS_METHODS if methods is None else methods
         sync = x.device.type == "cuda"
         if sync:
             torch.cuda.synchronize(x.device)
         t0 = time.perf_counter()
-        out = _PS_METHODS[name](g, x, w, s)
+        out = methods[name](g, x, w, s)
         if sync:
             torch.cuda.synchronize(x.device)
         return out, time.perf_counter() - t0
