@@ -188,19 +188,7 @@ class ConvTuner:
             return _PS_METHODS[self.method](g, x, w, s)
         if x.shape[0] <= 1:
             return _ps_loop(g, x, w, s)
-        key = self._key(
-            x.shape[0],
-            tuple(x.shape[1:]),
-            tuple(w.shape),
-            tuple(s.stride),
-            tuple(s.padding),
-            tuple(s.dilation),
-            s.transposed,
-            s.groups,
-            x.dtype,
-            x.device.type,
-        )
-        return self._tuned(key, self.candidates(x, w, s), _PS_METHODS, g, x, w, s)
+        return self._tuned(self._layer_key("weights", x, w, s), self.candidates(x, w, s), _PS_METHODS, g, x, w, s)
 
     @staticmethod
     def candidates(x, w, s: ConvSpec) -> list[str]:
@@ -249,21 +237,13 @@ class ConvTuner:
             if applies and ghost_flop_ratio(g, w) <= GHOST_FLOP_RATIO:
                 return _ghost_sq_norms(g, x, w, s)
             return _SQ_METHODS[self.method if self.method != "auto" else "loop"](g, x, w, s)
-        key = self._key(
-            x.shape[0],
-            "sq_norms",
-            tuple(x.shape[1:]),
-            tuple(w.shape),
-            tuple(s.stride),
-            tuple(s.padding),
-            tuple(s.dilation),
-            s.transposed,
-            s.groups,
-            x.dtype,
-            x.device.type,
-        )
         cands = self.candidates(x, w, s) + (["ghost"] if applies and ghost_flop_ratio(g, w) <= 1.0 else [])
-        return self._tuned(key, cands, _SQ_METHODS, g, x, w, s)
+        return self._tuned(self._layer_key("sq_norms", x, w, s), cands, _SQ_METHODS, g, x, w, s)
+
+    def _layer_key(self, what: str, x, w, s: ConvSpec) -> tuple:
+        """The tuning key of computing `what` ("weights" or "sq_norms") for this call's layer shape."""
+        shape = (tuple(x.shape[1:]), tuple(w.shape), tuple(s.stride), tuple(s.padding), tuple(s.dilation))
+        return self._key(x.shape[0], what, *shape, s.transposed, s.groups, x.dtype, x.device.type)
 
     def _tuned(self, key: tuple, cands: list[str], methods: dict, g, x, w, s: ConvSpec) -> torch.Tensor:
         """methods[choice](g, x, w, s) for the kept choice of `key`, or while tuning: every candidate
