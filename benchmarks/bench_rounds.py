@@ -1,7 +1,8 @@
 """Federated rounds benchmark: the local training of a round, non-private vs DP, for 3 or 10 sites.
 
-Builds the demo's sites (configs/demo.toml: unet_small, 64x64 phantom CT, Poisson E[B] = 32,
-Adam, 10 local steps; epsilon 8 per site for DP) twice -- the non-private run's sites and the DP
+Builds the demo's sites (configs/demo.toml as it stands: since issue 16 unet_tiny, 64x64 phantom
+CT, Poisson E[B] = 32, Adam, 20 local steps; epsilon 8 per site for DP; --slices sets the
+training slices per site) twice -- the non-private run's sites and the DP
 run's -- and trains them round by round, interleaved: in each round every site trains once per
 mode (np then DP for one site, DP then np for the next, ...), from each mode's own global model
 (FedAvg of that mode's updates, weighted by samples). Reported per number of sites: the total
