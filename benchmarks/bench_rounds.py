@@ -142,10 +142,13 @@ def main() -> None:
                 ]
             )
     info = machine_info("cpu")
+    demo = load_config(ROOT / "configs" / "demo.toml")
     head = (
         f"Local training of federated rounds, DP vs non-private. Machine: {describe_machine(info)}; fastdp "
-        f"{fastdp.__version__}. configs/demo.toml (unet_small, 64x64, E[B] = 32, Adam, 10 local steps, "
-        f"epsilon 8 per site), {args.slices} slices per site, {args.rounds} rounds, sites interleaved."
+        f"{fastdp.__version__}. configs/demo.toml ({demo.model.name}, {demo.data.image_size}x{demo.data.image_size}, "
+        f"E[B] = {demo.federated.batch_size}, {demo.federated.optimizer}, {demo.federated.local_steps} local steps, "
+        f"epsilon {demo.dp.target_epsilon:g} per site), {args.slices} slices per site, {args.rounds} rounds, "
+        "sites interleaved."
     )
     cols = ["sites", "conv tuning", "non-private s", "DP s", "DP x non-private", "round 1", "later rounds"]
     table = head + "\n\n" + markdown_table(cols, rows)
