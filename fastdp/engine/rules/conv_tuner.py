@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastdp.engine.rules.base import acc_dtype, acc_sq
+
 aten = torch.ops.aten
 
 METHODS = ("auto", "loop", "grouped", "unfold")
@@ -92,7 +94,7 @@ def ghost_applies(x, w, s: ConvSpec) -> bool:
 def ghost_flop_ratio(g, w) -> float:
     """Multiply-adds of the ghost norm over those of forming the per-sample weight gradients, per
     sample: T^2 (K + C_out) against T K C_out, with T output positions and K = C_in * k * k."""
-    t = g[0, 0].numel() if g.shape[0] else g.shape[2:].numel()
+    t = g.shape[2:].numel()
     k = w[0].numel()
     return t * (k + w.shape[0]) / (k * w.shape[0])
 
@@ -102,7 +104,7 @@ def _ghost_sq_norms(g, x, w, s: ConvSpec) -> torch.Tensor:
     as <U_i^T U_i, G_i^T G_i> (U_i: the sample's im2col columns [K, T], G_i: its output gradient
     [C_out, T]), in float64 for float64 inputs, else float32. Cheaper than forming the gradients
     when T (output positions) is small against C_out: deep, low-resolution layers."""
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dt = acc_dtype(x)
     n = x.shape[0]
     cols = F.unfold(x.to(dt), w.shape[2:], s.dilation, s.padding, s.stride)  # [n, K, T]
     gg = g.to(dt).reshape(n, g.shape[1], -1)  # [n, C_out, T]
@@ -113,9 +115,7 @@ def _ghost_sq_norms(g, x, w, s: ConvSpec) -> torch.Tensor:
 
 def _sq_via_weights(method: str):
     def sq(g, x, w, s: ConvSpec) -> torch.Tensor:
-        ps = _PS_METHODS[method](g, x, w, s)
-        dt = torch.float64 if ps.dtype == torch.float64 else torch.float32
-        return ps.flatten(1).to(dt).pow(2).sum(1)
+        return acc_sq(_PS_METHODS[method](g, x, w, s))
 
     return sq
 
