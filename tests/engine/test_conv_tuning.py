@@ -172,3 +172,22 @@ def test_ghost_norms_are_a_tuning_candidate_only_where_they_apply():
             tuner.per_sample_sq_norms(g, x, w, s, 0, 3)
         finally:
             conv_tuner.GHOST_NORMS = old
+
+
+@pytest.mark.parametrize(
+    "channels, size, kernel, dilation, padding, stride",
+    [
+        (128, 8, (3, 3), (1, 1), (1, 1), (1, 1)),
+        (3, 17, (3, 2), (2, 1), (2, 0), (2, 3)),
+        (5, 9, (1, 1), (1, 1), (0, 0), (2, 2)),
+        (4, 10, (5, 5), (1, 1), (2, 2), (1, 1)),
+    ],
+)
+def test_im2col_is_bitwise_f_unfold(channels, size, kernel, dilation, padding, stride):
+    from fastdp.engine.rules.conv_tuner import im2col
+
+    x = torch.randn(3, channels, size, size + 1, dtype=torch.float64)
+    want = torch.nn.functional.unfold(x, kernel, dilation, padding, stride)
+    got = im2col(x, kernel, dilation, padding, stride)
+    assert got.shape == want.shape
+    assert torch.equal(got, want)
