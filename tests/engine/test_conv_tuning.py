@@ -186,8 +186,10 @@ def test_ghost_norms_are_a_tuning_candidate_only_where_they_apply():
 def test_im2col_is_bitwise_f_unfold(channels, size, kernel, dilation, padding, stride):
     from fastdp.engine.rules.conv_tuner import im2col
 
-    x = torch.randn(3, channels, size, size + 1, dtype=torch.float64)
-    want = torch.nn.functional.unfold(x, kernel, dilation, padding, stride)
-    got = im2col(x, kernel, dilation, padding, stride)
-    assert got.shape == want.shape
-    assert torch.equal(got, want)
+    base = torch.randn(4, channels, size, size + 1, dtype=torch.float64)
+    # contiguous, a batch slice (non-zero storage offset, as the tuner's chunks pass) and channels-last
+    for x in (base, base[1:], base.contiguous(memory_format=torch.channels_last)):
+        want = torch.nn.functional.unfold(x, kernel, dilation, padding, stride)
+        got = im2col(x, kernel, dilation, padding, stride)
+        assert got.shape == want.shape
+        assert torch.equal(got, want)
