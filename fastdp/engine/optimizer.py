@@ -281,18 +281,29 @@ class DPOptimizer(torch.optim.Optimizer):
                 )
 
     def _batch_terms(self, batch: Batch):
-        """(stored params, stored per-sample grads, deferred contributions, sq_norms [B])."""
+        """(stored params, stored grads sg, their loss scale s, deferred contributions, sq_norms [B]).
+
+        The per-sample gradients of stored parameter k are s * sg[k]: one scale common to every
+        stored contribution is left to the fused clip (its final multiplier) and to the norms
+        (times s^2), so no pass over the per-sample gradients applies it; contributions whose
+        scales differ are scaled here instead (s = 1)."""
         contribs = list(batch.contributions)
         counts = _param_counts(contribs)
-        stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        kept: list[Stored] = []
         deferred: list[Deferred] = []
         for cont in contribs:
             if isinstance(cont, Deferred) and any(counts[id(p)] > 1 for p in cont.params):
                 cont = Stored(cont.params, cont.materialize())
             if isinstance(cont, Deferred):
                 deferred.append(cont)
-                continue
-            for p, g in zip(cont.params, cont.grads, strict=True):
+            else:
+                kept.append(cont)
+        scales = {cont.scale for cont in kept}
+        common = scales.pop() if len(scales) == 1 else 1.0
+        stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for cont in kept:
+            grads = cont.grads if cont.scale == common else cont.scaled()
+            for p, g in zip(cont.params, grads, strict=True):
                 if id(p) in stored:
                     stored[id(p)] = (p, stored[id(p)][1] + g)
                 else:
@@ -302,10 +313,15 @@ class DPOptimizer(torch.optim.Optimizer):
         B = batch.batch_size
         device = self.params[0].device if self.params else torch.device("cpu")
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
-        sq = ops.per_sample_sq_norms(sg).to(dtype) if sg else torch.zeros(B, dtype=dtype, device=device)
+        if sg:
+            sq = ops.per_sample_sq_norms(sg).to(dtype)
+            if common != 1.0:
+                sq = sq * (common * common)
+        else:
+            sq = torch.zeros(B, dtype=dtype, device=device)
         for d in deferred:
             sq = sq + d.sq_norms.to(dtype)
-        return sp, sg, deferred, sq
+        return sp, sg, common, deferred, sq
 
     def _buffer(self, p: torch.Tensor) -> torch.Tensor:
         buf = self._summed.get(id(p))
@@ -341,7 +357,7 @@ class DPOptimizer(torch.optim.Optimizer):
             self._accumulate_per_parameter(batch)
             tape.clear()
             return
-        sp, sg, deferred, sq = self._batch_terms(batch)
+        sp, sg, stored_scale, deferred, sq = self._batch_terms(batch)
         if not torch.isfinite(sq).all():
             bad = torch.nonzero(~torch.isfinite(sq)).flatten().tolist()[:8]
             tape.clear()
@@ -352,7 +368,7 @@ class DPOptimizer(torch.optim.Optimizer):
         fresh = [id(p) not in self._summed for p in sp]
         if sg:
             outs = [self._buffer(p) if f else torch.zeros_like(p) for p, f in zip(sp, fresh, strict=True)]
-            c = ops.clip_accumulate_noise(sg, sq, outs, self.max_grad_norm, 0.0, 1.0, 0, 0)
+            c = ops.clip_accumulate_noise(sg, sq, outs, self.max_grad_norm, 0.0, stored_scale, 0, 0)
             for p, f, o in zip(sp, fresh, outs, strict=True):
                 if not f:
                     self._summed[id(p)].add_(o)
@@ -418,7 +434,7 @@ class DPOptimizer(torch.optim.Optimizer):
             if isinstance(cont, Deferred):
                 single.append((cont.params[0], cont))
                 continue
-            for p, g in zip(cont.params, cont.grads, strict=True):
+            for p, g in zip(cont.params, cont.scaled(), strict=True):
                 stored[id(p)] = (p, stored[id(p)][1] + g) if id(p) in stored else (p, g)
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
         terms = [

@@ -32,10 +32,21 @@ import torch
 
 @dataclass
 class Stored:
-    """Per-sample gradients of `params` (each [B, *p.shape]), already loss-scaled."""
+    """Per-sample gradients of `params`: scale * grads[k], each grads[k] [B, *p.shape].
+
+    scale: the loss scale still to apply (1.0: grads are already the per-sample-loss gradients).
+    The hot rules record autograd's grads unscaled with scale = tape.loss_scale(B): the DP step
+    folds it into the squared norms (times scale^2) and the fused clip's final multiplier, which
+    saves one pass over every stored per-sample gradient.
+    """
 
     params: list[torch.nn.Parameter]
     grads: list[torch.Tensor]
+    scale: float = 1.0
+
+    def scaled(self) -> list[torch.Tensor]:
+        """The per-sample gradients themselves (scale applied; the recorded tensors when 1.0)."""
+        return self.grads if self.scale == 1.0 else [g * self.scale for g in self.grads]
 
 
 @dataclass

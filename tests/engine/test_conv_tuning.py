@@ -14,7 +14,7 @@ from fastdp.engine.rules.conv_tuner import SHARED_TABLE, ConvSpec, TuningTable
 
 
 def test_batch_sizes_in_one_bucket_share_the_tuned_method(monkeypatch):
-    tuner = ConvTuner("auto", table=TuningTable())
+    tuner = ConvTuner("auto", table=TuningTable(), refine_calls=0)  # refinement: its own test
     conv = torch.nn.Conv2d(3, 4, 3, padding=1)
     spec = ConvSpec(stride=[1, 1], padding=[1, 1], dilation=[1, 1], transposed=False, output_padding=[0, 0], groups=1)
     timed = []
@@ -45,6 +45,42 @@ def test_batch_sizes_in_one_bucket_share_the_tuned_method(monkeypatch):
     assert fresh._key(7, *shape) == (7, *shape)
 
 
+def _fake_timer(tuner, seconds: dict[str, list[float]], timed: list[str]):
+    """Replaces tuner.time_method: method m's k-th timing is seconds[m][k] (per call, batch of 1)."""
+
+    def time_method(name, g, x, w, s, methods=None):
+        timed.append(name)
+        out = methods[name](g, x, w, s)
+        return out, seconds[name][timed.count(name) - 1]
+
+    tuner.time_method = time_method
+
+
+def test_close_methods_are_timed_again_before_the_choice():
+    # loop's one warm time was slowed (1.25 against grouped's 1.0; the first calls pay for kernels):
+    # the methods within REFINE_RATIO of the fastest are timed on refine_calls more calls, in
+    # alternating order, and loop's true time (0.9) wins; unfold (3.0) is not timed again.
+    tuner, timed = ConvTuner("auto", table=TuningTable(), tune_calls=2, refine_calls=2), []
+    conv = torch.nn.Conv2d(3, 4, 1)
+    spec = ConvSpec(stride=[1, 1], padding=[0, 0], dilation=[1, 1], transposed=False, output_padding=[0, 0], groups=1)
+    assert ConvTuner.candidates(torch.randn(2, 3, 4, 4), conv.weight, spec) == ["loop", "grouped", "unfold"]
+    times = {"loop": [5.0, 1.25, 0.9, 0.95], "grouped": [5.0, 1.0, 1.1, 1.05], "unfold": [5.0, 3.0]}
+    _fake_timer(tuner, times, timed)
+    x, g = torch.randn(1, 3, 4, 4), torch.randn(1, 4, 4, 4)
+    x2, g2 = torch.cat([x, x]), torch.cat([g, g])
+    for _ in range(4):
+        got = tuner.per_sample_weight(g2, x2, conv.weight, spec, 0, 2)
+        torch.testing.assert_close(got[0], torch.nn.grad.conv2d_weight(x, conv.weight.shape, g))
+    assert timed == ["loop", "grouped", "unfold"] * 2 + ["grouped", "loop", "loop", "grouped"]
+    assert list(tuner.choices.values()) == ["loop"] and not tuner.table.finalists
+    # Nothing within the ratio: kept after tune_calls, nothing timed again.
+    tuner, timed = ConvTuner("auto", table=TuningTable(), tune_calls=2, refine_calls=2), []
+    _fake_timer(tuner, {"loop": [5.0, 1.0], "grouped": [5.0, 2.0], "unfold": [5.0, 3.0]}, timed)
+    for _ in range(3):
+        tuner.per_sample_weight(g2, x2, conv.weight, spec, 0, 2)
+    assert len(timed) == 6 and list(tuner.choices.values()) == ["loop"]
+
+
 def _conv_model():
     return nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 2))
 
@@ -54,7 +90,9 @@ def test_each_private_model_has_its_method_and_auto_models_share_what_was_tuned(
     a, b = PrivateModule(_conv_model(), conv_method="auto"), PrivateModule(_conv_model(), conv_method="loop")
     assert a.conv_tuner is not b.conv_tuner
     assert (a.conv_tuner.method, b.conv_tuner.method) == ("auto", "loop")
-    for model in (a, b, a, b):  # two calls of one shape: "auto" has tuned it, "loop" tunes nothing
+    # tune_calls (+ refine_calls where methods are close) calls of one shape: "auto" has tuned it,
+    # "loop" tunes nothing
+    for model in (a, b) * (a.conv_tuner.tune_calls + a.conv_tuner.refine_calls):
         model(torch.randn(4, 2, 4, 4)).sum().backward()
         model.tape.clear()
     assert len(a.conv_tuner.choices) == 1 and a.conv_tuner.table is SHARED_TABLE
@@ -145,6 +183,35 @@ def test_ghost_norms_equal_the_norms_of_formed_gradients(shape):
                 torch.testing.assert_close(got, formed[1:], rtol=1e-12, atol=1e-12)
         finally:
             conv_tuner.GHOST_NORMS = old
+
+
+@pytest.mark.parametrize(
+    "c_in, size, kernel, stride, padding, dilation",
+    [
+        (16, (8, 8), (3, 3), (1, 1), (1, 1), (1, 1)),  # the deep unet_small layer shape
+        (3, (7, 9), (3, 2), (2, 1), (1, 0), (1, 1)),
+        (2, (9, 8), (3, 3), (1, 2), (2, 1), (2, 3)),
+        (4, (6, 6), (1, 1), (2, 2), (0, 0), (1, 1)),
+        (5, (5, 7), (5, 3), (1, 1), (2, 1), (1, 1)),
+    ],
+)
+def test_gram_of_padded_positions_equals_the_im2col_gram(c_in, size, kernel, stride, padding, dilation):
+    """U^T U from the Gram of the padded input's positions, summed over kernel offsets, is the Gram
+    of the im2col columns (float64, every stride / dilation / padding), and the cheaper form is the default."""
+    from fastdp.engine.rules.conv_tuner import _gram_u, _gram_work, im2col
+
+    torch.manual_seed(0)
+    x = torch.randn(3, c_in, *size, dtype=torch.float64)
+    w = torch.randn(4, c_in, *kernel, dtype=torch.float64)
+    s = ConvSpec(list(stride), list(padding), list(dilation), False, [0, 0], 1)
+    out = torch.nn.functional.conv2d(x, w, stride=stride, padding=padding, dilation=dilation)
+    oh, ow = out.shape[2:]
+    cols = im2col(x, kernel, dilation, padding, stride)
+    want = torch.bmm(cols.transpose(1, 2), cols)
+    for forced in (True, False, None):
+        torch.testing.assert_close(_gram_u(x, w, s, oh, ow, by_positions=forced), want, rtol=1e-12, atol=1e-12)
+    by_cols, by_positions = _gram_work(x, w, s, oh * ow)
+    assert (by_positions < by_cols) == (stride == (1, 1) and kernel != (1, 1))
 
 
 def test_ghost_norms_are_a_tuning_candidate_only_where_they_apply():

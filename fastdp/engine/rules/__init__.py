@@ -11,16 +11,16 @@ backward runs even when the input needs no gradient) but returns None as their g
 autograd never forms the unclipped weight gradient. Its backward returns grad_input as usual
 and records, once per call, the per-sample information of the module's trainable parameters:
 
-- `Stored(params, grads)`: per-sample gradients, grads[k] of shape [B, *params[k].shape]
-  (when they are small);
+- `Stored(params, grads, scale=1.0)`: per-sample gradients scale * grads[k], grads[k] of shape
+  [B, *params[k].shape] (when they are small; a scale left to the DP step costs no pass);
 - `Deferred(params, sq_norms, clipped_sum, materialize)`: sq_norms [B], the layer's part of
   the per-sample squared norms; clipped_sum(c [B]) -> [sum_i c_i g_i per param]; and
   materialize() -> the per-sample gradients, used only when a parameter is shared by calls.
 
 `call` (a `Call`) gives: call.module, call.name (for error messages), call.tape and
 call.batch. Gradients are of the per-sample losses: multiply by call.tape.loss_scale(B) (B for
-loss_reduction="mean", whose grad_output is 1/B of a sample's), then
-call.tape.record(call.batch, Stored(...)). Record only the parameters that require grad.
+loss_reduction="mean", whose grad_output is 1/B of a sample's), or pass it as Stored's scale,
+then call.tape.record(call.batch, Stored(...)). Record only the parameters that require grad.
 
 The contract: a rule covers the module's registered (leaf) parameters named in `params`
 (default ("weight", "bias")). A module whose trainable parameters are anything else (weight

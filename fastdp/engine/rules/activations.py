@@ -34,7 +34,8 @@ class _PReLUFn(torch.autograd.Function):
             gw = elem.flatten(1).sum(1, keepdim=True) if elem.dim() > 1 else elem.unsqueeze(1)
         else:
             gw = elem.flatten(2).sum(2) if elem.dim() > 2 else elem
-        ctx.call.tape.record(ctx.call.batch, Stored([w], [gw.mul_(ctx.call.tape.loss_scale(x.shape[0]))]))
+        scale = ctx.call.tape.loss_scale(x.shape[0])
+        ctx.call.tape.record(ctx.call.batch, Stored([w], [gw], scale))  # the DP step applies the scale
         return (gx if ctx.needs_input_grad[0] else None), None, None
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdp.engine.rules import base
-from fastdp.engine.rules.base import Call, acc_dtype, acc_sq, aten, coef, trainable
+from fastdp.engine.rules.base import Call, acc_sq, aten, coef, trainable
 from fastdp.engine.rules.conv_tuner import ConvSpec, conv_backward
 from fastdp.engine.rules.registry import register_rule
 from fastdp.engine.tape import Deferred, Stored
@@ -45,20 +45,16 @@ def _record_conv(call: Call, s: ConvSpec, x, g, w, b) -> None:
     if store:
         grads = []
         if w_on:
-            grads.append(tuner.per_sample_weight(g, x, w, s, 0, B).mul_(scale))
+            grads.append(tuner.per_sample_weight(g, x, w, s, 0, B))
         if b_on:
-            grads.append(g.sum(dim=sum_dims).mul_(scale) if sum_dims else g * scale)
-        call.tape.record(call.batch, Stored(params, grads))
+            grads.append(g.sum(dim=sum_dims) if sum_dims else g.clone())
+        call.tape.record(call.batch, Stored(params, grads, scale))  # the DP step applies the scale
         return
     # Large weight, low resolution: per-sample norms without keeping per-sample gradients (formed
     # chunk by chunk, or the ghost norm where that is faster), clipped sum as one weight-gradient
     # conv on c-scaled output gradients.
-    sq = torch.zeros(B, dtype=acc_dtype(w), device=w.device)
     chunk = max(1, int(base.STORE_RATIO * (x.numel() + g.numel()) // max(1, w.numel())))
-    for lo in range(0, B, chunk):
-        hi = min(B, lo + chunk)
-        sq[lo:hi] += tuner.per_sample_sq_norms(g, x, w, s, lo, hi)
-    sq *= scale * scale
+    sq = tuner.per_sample_sq_norms(g, x, w, s, 0, B, chunk=chunk) * (scale * scale)
     if b_on:
         sq += acc_sq(g.sum(dim=sum_dims) * scale)
 

@@ -53,11 +53,11 @@ class _GroupNormFn(torch.autograd.Function):
         params, grads = [], []
         if w_on:
             params.append(w)
-            grads.append(gw.view(B, C).mul_(scale))
+            grads.append(gw.view(B, C))
         if b_on:
             params.append(b)
-            grads.append(gb.view(B, C).mul_(scale))
-        call.tape.record(call.batch, Stored(params, grads))
+            grads.append(gb.view(B, C))
+        call.tape.record(call.batch, Stored(params, grads, scale))  # the DP step applies the scale
         return (gx.view(ctx.shape) if gx is not None else None), None, None, None, None, None
 
 
