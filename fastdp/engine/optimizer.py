@@ -365,19 +365,27 @@ class DPOptimizer(torch.optim.Optimizer):
                 f"fastdp: non-finite per-sample gradient norm for samples {bad} (NaN or inf loss?). The step "
                 "was not taken and no gradient, optimizer or accountant state changed."
             )
-        fresh = [id(p) not in self._summed for p in sp]
         if sg:
-            outs = [self._buffer(p) if f else torch.zeros_like(p) for p, f in zip(sp, fresh, strict=True)]
+            # uninitialised: the fused op writes every element
+            outs = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in sp]
             c = ops.clip_accumulate_noise(sg, sq, outs, self.max_grad_norm, 0.0, stored_scale, 0, 0)
-            for p, f, o in zip(sp, fresh, outs, strict=True):
-                if not f:
-                    self._summed[id(p)].add_(o)
+            for p, o in zip(sp, outs, strict=True):
+                self._add_to_sum(p, o)
         else:
             c = (self.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
         for d in deferred:
             for p, s in zip(d.params, d.clipped_sum(c), strict=True):
-                self._buffer(p).add_(s)
+                self._add_to_sum(p, s)
         tape.clear()
+
+    def _add_to_sum(self, p: torch.Tensor, s: torch.Tensor) -> None:
+        """Adds a clipped sum s (a tensor of this step's own, p's shape) into p's running sum; the
+        first one becomes the sum itself (no zero-filled buffer to add it to)."""
+        buf = self._summed.get(id(p))
+        if buf is None:
+            self._summed[id(p)] = s.to(p.dtype).contiguous()
+        else:
+            buf.add_(s)
 
     def _user_grad_sample_batch(self) -> Batch:
         """grad_sample_mode="no_op": the batch made of every trainable parameter's p.grad_sample.
