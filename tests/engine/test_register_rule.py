@@ -42,12 +42,17 @@ class _ChannelScaleFn(torch.autograd.Function):
         x, w = ctx.saved_tensors
         call = ctx.call
         if w.requires_grad:
-            per_sample = (g * x).flatten(2).sum(2) * call.tape.loss_scale(x.shape[0])  # [B, C]
-            call.tape.record(call.batch, Stored([w], [per_sample]))
+            raw = (g * x).flatten(2).sum(2)  # [B, C], of autograd's (1/B-scaled) output gradient
+            scale = call.tape.loss_scale(x.shape[0])
+            if style["scale_in_stored"]:  # the loss scale left to the DP step
+                call.tape.record(call.batch, Stored([w], [raw], scale))
+            else:
+                call.tape.record(call.batch, Stored([w], [raw * scale]))
         return g * w.view(1, -1, *[1] * (x.dim() - 2)), None, None
 
 
 calls = []
+style = {"scale_in_stored": False}
 
 
 def channel_scale_forward(module: ChannelScale, call: Call, x: torch.Tensor) -> torch.Tensor:
@@ -80,15 +85,21 @@ def test_registered_rule_is_used_and_listed(registered):
     assert isinstance(contribution, Stored) and contribution.grads[0].shape == (B, 3)
 
 
-def test_registered_rule_per_sample_grads_match_reference(registered):
+@pytest.mark.parametrize("scale_in_stored", [False, True])
+def test_registered_rule_per_sample_grads_match_reference(registered, scale_in_stored, monkeypatch):
+    # Either way of applying the loss scale gives the same clipped sum; with the custom rule's
+    # scale 1.0 and the conv rule's scale B in one batch, the step also handles mixed scales.
+    monkeypatch.setitem(style, "scale_in_stored", scale_in_stored)
     model = _model()
     x = torch.randn(B, 2, 6, 6)
     y = torch.randn(B, 2)
     ref, _ = per_sample_grads(model, mse_per_sample, x, y)
     pm = PrivateModule(model)
     mse_batch(pm(x), y).backward()
-    (got,) = [c.grads[0] for c in pm.tape.batches[0].contributions if c.params[0] is model[1].weight]
+    (got,) = [c.scaled()[0] for c in pm.tape.batches[0].contributions if c.params[0] is model[1].weight]
     torch.testing.assert_close(got, ref["1.weight"], rtol=1e-10, atol=1e-12)
+    scales = {c.scale for c in pm.tape.batches[0].contributions if isinstance(c, Stored)}
+    assert scales == ({float(B)} if scale_in_stored else {1.0, float(B)})
     pm.remove_hooks()
     assert calls == ["1"]
     check_against_reference(model, x, y, mse_per_sample, mse_batch)  # clipped, summed, as p.grad
