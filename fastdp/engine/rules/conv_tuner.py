@@ -214,6 +214,12 @@ def _ghost_any_chunk(g, x, w, s: ConvSpec, chunk: int | None = None) -> torch.Te
 _SQ_METHODS = {**{m: _sq_via_weights(m) for m in _PS_METHODS}, "ghost": _ghost_any_chunk}
 
 
+@functools.lru_cache(maxsize=64)
+def _sq_methods(chunk: int) -> dict:
+    """_SQ_METHODS with `chunk` bound (built once per chunk size, not on every call)."""
+    return {name: functools.partial(fn, chunk=chunk) for name, fn in _SQ_METHODS.items()}
+
+
 def default_conv_method() -> str:
     """The method when none is given: $FASTDP_CONV_METHOD if set (a whole process, e.g. the Flower
     child processes, on one fixed method), else "auto". Read when a private model is created."""
@@ -338,9 +344,7 @@ class ConvTuner:
         applies = ghost_applies(x, w, s) and GHOST_NORMS != "never"
         if applies and GHOST_NORMS == "always":
             return _ghost_sq_norms(g, x, w, s)
-        methods = _SQ_METHODS
-        if chunk is not None and chunk < x.shape[0]:
-            methods = {name: functools.partial(fn, chunk=chunk) for name, fn in _SQ_METHODS.items()}
+        methods = _sq_methods(chunk) if chunk is not None and chunk < x.shape[0] else _SQ_METHODS
         if self.method != "auto" or x.shape[0] <= 1:
             if applies and ghost_flop_ratio(g, w, x, s) <= GHOST_FLOP_RATIO:
                 return _ghost_sq_norms(g, x, w, s)
