@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from fastdp.attacks.surrogate import smooth_surrogate
+
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -367,6 +369,37 @@ def rank_references(
     return dists, dists.argsort()
 
 
+def _smoothing_stages(
+    model: nn.Module, smoothing: Sequence[float] | None, iterations: int
+) -> list[tuple[nn.Module, int]]:
+    """(network, iterations) per stage of a sharpness schedule: the iterations split evenly (the
+    last stages get the remainder); beta 0 or inf is the real network."""
+    if not smoothing:
+        return [(model, iterations)]
+    betas = [float(b) for b in smoothing]
+    if any(b < 0 or math.isnan(b) for b in betas):
+        raise ValueError(f"smoothing sharpnesses must be > 0 (0 or inf: the real network), got {smoothing}")
+    if iterations < len(betas):
+        raise ValueError(f"iterations={iterations} is fewer than the {len(betas)} smoothing stages")
+    base, extra = divmod(iterations, len(betas))
+    counts = [base + (1 if i >= len(betas) - extra else 0) for i in range(len(betas))]
+    return [
+        (model if b == 0 or math.isinf(b) else smooth_surrogate(model, b), n)
+        for b, n in zip(betas, counts, strict=True)
+    ]
+
+
+def _into_unit_box(x: torch.Tensor) -> torch.Tensor:
+    """x [B, C, H, W] mapped per image into [0, 1]: unchanged if it already lies there, else by the
+    positive affine map of its min and max onto 0 and 1 (the gradient cannot see intensity scale, so
+    an unconstrained search may leave the box; a clamp would cut off structure, this keeps it)."""
+    flat = x.flatten(1)
+    lo, hi = flat.min(1).values, flat.max(1).values
+    inside = (lo >= 0) & (hi <= 1)
+    scaled = (flat - lo[:, None]) / (hi - lo).clamp(min=1e-12)[:, None]
+    return torch.where(inside[:, None], flat, scaled).view_as(x)
+
+
 def invert_gradients(
     model: nn.Module,
     shared: Mapping[str, torch.Tensor],
@@ -397,6 +430,7 @@ def invert_gradients(
     intensity: tuple[float, float] | None = None,
     downsample: int = 1,
     local_optimizer: Literal["sgd", "adam"] = "sgd",
+    smoothing: Sequence[float] | None = None,
     seed: int = 0,
     log_every: int = 100,
     callback: Callable[[int, int, float], None] | None = None,
@@ -441,6 +475,14 @@ def invert_gradients(
             gradient simulation, so the search explains the gradient with a clean image plus
             scanner-like noise instead of fitting one noise pattern (0: off). The returned image
             is the clean one.
+        smoothing: a schedule of sharpnesses beta (e.g. ``(3, 10, 30)``): the iterations are split
+            evenly over the stages and in each the candidate's gradient is simulated through
+            :func:`fastdp.attacks.surrogate.smooth_surrogate` (PReLU / ReLU / max-pool kinks softened;
+            the shared gradient is still the real network's). The real network's gradient is a
+            discontinuous function of the image, which stalls the search (docs/attacks.md); a stage
+            of ``0`` or ``inf`` uses the real network. None or empty: the real network throughout.
+            With L-BFGS and a schedule the image is not clamped between steps (a clamp breaks the
+            curvature pairs); the result is mapped affinely into [0, 1] if it left it.
         seed: seeds the starting points.
         log_every: history sampling interval (iterations).
         callback: called as ``callback(restart, iteration, objective)`` every ``log_every``.
@@ -468,6 +510,8 @@ def invert_gradients(
         unroll = shared_kind == "update"
     lw = _resolve_layer_weights(layer_weights, names, target)
     weights = [float(lw.get(n, 1.0)) for n in names]
+    stages = _smoothing_stages(model, smoothing, iterations)
+    box_each_step = optimizer == "adam" or not smoothing
     dev = target[0].device
     known = masks is not None
     if known:
@@ -515,12 +559,12 @@ def invert_gradients(
                 return (intensity[0] + intensity[1] * c).clamp(0, 1)
             return v
 
-        def objective_fn(x=x, variables=variables):
+        def objective_fn(x=x, variables=variables, net=model):
             probs = mask_probs if known else variables[1].softmax(1)
             images = to_images(x)
             seen = images + noise_std * torch.randn_like(images) if noise_std else images
             cand = simulate_update(
-                model,
+                net,
                 params,
                 seen,
                 probs,
@@ -538,46 +582,49 @@ def invert_gradients(
             return out
 
         history = []
+        if optimizer not in ("adam", "lbfgs"):
+            raise ValueError(f"optimizer must be 'adam' or 'lbfgs', got {optimizer!r}")
+        it = 0
         if optimizer == "adam":
+            # One Adam state and one step schedule over all stages: a surrogate changes the
+            # objective slightly, not the scale of its gradient.
             opt = torch.optim.Adam(variables, lr=lr)
             milestones = [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)] if lr_decay else []
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
-            for it in range(iterations):
-                opt.zero_grad(set_to_none=True)
-                loss = objective_fn()
-                loss.backward()
-                if signed:
-                    for v in variables:
-                        v.grad.sign_()
-                opt.step()
-                sched.step()
-                if prior is None and intensity is None:
+        for net, stage_iterations in stages:
+            if optimizer == "lbfgs":
+                # A fresh history per stage: curvature pairs of another surrogate would mislead it.
+                opt = torch.optim.LBFGS(variables, lr=lr, max_iter=20, history_size=100, line_search_fn="strong_wolfe")
+
+                def closure(opt=opt, objective_fn=objective_fn, net=net):
+                    opt.zero_grad(set_to_none=True)
+                    loss = objective_fn(net=net)
+                    loss.backward()
+                    return loss
+
+            for _ in range(stage_iterations):
+                if optimizer == "adam":
+                    opt.zero_grad(set_to_none=True)
+                    loss = objective_fn(net=net)
+                    loss.backward()
+                    if signed:
+                        for v in variables:
+                            v.grad.sign_()
+                    opt.step()
+                    sched.step()
+                else:
+                    loss = opt.step(closure)
+                if prior is None and intensity is None and box_each_step:
                     with torch.no_grad():
                         x.clamp_(0, 1)
                 if it % log_every == 0 or it == iterations - 1:
                     history.append((it, float(loss.detach())))
                     if callback is not None:
                         callback(r, it, history[-1][1])
-        elif optimizer == "lbfgs":
-            opt = torch.optim.LBFGS(variables, lr=lr, max_iter=20, history_size=100, line_search_fn="strong_wolfe")
-
-            def closure(opt=opt, objective_fn=objective_fn):
-                opt.zero_grad(set_to_none=True)
-                loss = objective_fn()
-                loss.backward()
-                return loss
-
-            for it in range(iterations):
-                loss = opt.step(closure)
-                if prior is None:
-                    with torch.no_grad():
-                        x.clamp_(0, 1)
-                if it % log_every == 0 or it == iterations - 1:
-                    history.append((it, float(loss.detach())))
-                    if callback is not None:
-                        callback(r, it, history[-1][1])
-        else:
-            raise ValueError(f"optimizer must be 'adam' or 'lbfgs', got {optimizer!r}")
+                it += 1
+        if not box_each_step and prior is None and intensity is None:
+            with torch.no_grad():
+                x.copy_(_into_unit_box(x))
         # The objective differentiates the candidate's loss, so it needs autograd even here.
         final = float(objective_fn().detach())
         if not math.isfinite(final):
